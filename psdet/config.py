@@ -372,6 +372,12 @@ def validate(cfg: Config, source: str) -> None:
     for key in ("epochs", "eval_interval", "ckpt_interval", "keep_checkpoints"):
         if getattr(cfg.train, key) <= 0:
             fail(f"train.{key}", "must be positive")
+    from psdet.optim import validate_optim_config  # optim imports this module
+
+    try:
+        validate_optim_config(cfg.optim, total_epochs=cfg.train.epochs)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def to_dict(cfg: Any) -> dict:

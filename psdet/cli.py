@@ -1,0 +1,200 @@
+"""`psdet train | eval | synth | describe | predict`.
+
+A mistake the user can make (bad config, bad override, missing data, missing or
+corrupt checkpoint) ends in one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from psdet.errors import NonFiniteLossError, UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("-c", "--config", required=required,
+                        help="a shipped config name (ps_gat, ps_dmpr, ps_gat_tiny) or a YAML path")
+    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, e.g. -o optim.lr=0.001 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="psdet", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train one model (torchrun for several processes)")
+    _add_config_args(train)
+    train.add_argument("--data", help="dataset root in the ps2.0 layout (sets data.root)")
+    train.add_argument("--out", help="run directory (default: runs/train/<config name>)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+
+    evaluate = commands.add_parser("eval", help="point and slot precision / recall / AP of a checkpoint")
+    _add_config_args(evaluate)
+    evaluate.add_argument("--data", help="dataset root in the ps2.0 layout (sets data.root)")
+    evaluate.add_argument("--ckpt", required=True, help="checkpoint directory, its state.pt, or a run directory")
+    evaluate.add_argument("--split", help="split to evaluate (default: data.val_split)")
+    evaluate.add_argument("--json", action="store_true", help="print metrics as JSON")
+
+    synth = commands.add_parser("synth", help="render a seeded synthetic dataset in the ps2.0 layout")
+    synth.add_argument("--out", required=True, help="dataset root to write")
+    synth.add_argument("--train", type=int, default=200, help="training images (default 200)")
+    synth.add_argument("--val", type=int, default=50, help="validation images (default 50)")
+    synth.add_argument("--seed", type=int, default=0)
+
+    describe = commands.add_parser("describe", help="print the model and its parameter count")
+    _add_config_args(describe)
+
+    predict = commands.add_parser("predict", help="detect slots in images; prints JSON")
+    predict.add_argument("--ckpt", required=True, help="checkpoint directory, its state.pt, or a run directory")
+    predict.add_argument("images", nargs="+", metavar="IMAGE")
+    predict.add_argument("--draw", metavar="OUT.png",
+                         help="draw the detections (with several images: OUT-0.png, OUT-1.png, ...)")
+    predict.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                         help="dotted override of the checkpoint's config, e.g. model.edge_thresh=0.6")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from psdet.config import load_config
+
+    overrides = list(args.override)
+    if getattr(args, "data", None):
+        overrides.append(f"data.root={args.data}")
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from psdet import engine
+    from psdet.reporting import LocalReporter
+
+    cfg = _load(args)
+    out = Path(args.out or Path("runs") / "train" / cfg.name)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    metrics = engine.train(cfg, out, LocalReporter(out, resume=args.resume, is_main=is_main))
+    if is_main:
+        print(json.dumps({"out": str(out), **metrics}))
+    return 0
+
+
+def _model_from_checkpoint(path: str, cfg=None, overrides: list[str] | None = None):
+    """(model in eval mode on the chosen device, its config, checkpoint dir)."""
+    import yaml
+
+    from psdet import checkpoint as ckpt
+    from psdet.config import config_from_dict, load_config
+    from psdet.distributed import choose_device
+    from psdet.models import build_model
+
+    ckpt_dir = ckpt.resolve_checkpoint(Path(path))
+    state, _ = ckpt.load_checkpoint(ckpt_dir)
+    if cfg is None:
+        stored = ckpt_dir / ckpt.CONFIG_FILE
+        cfg = load_config(stored, overrides) if overrides else config_from_dict(yaml.safe_load(stored.read_text()), str(stored))
+    device = choose_device(cfg.train.device)
+    model = build_model(cfg.model, cfg.data.max_points)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        from psdet.errors import CheckpointError
+
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint '{ckpt_dir}' does not fit config '{cfg.name}': {first}") from None
+    return model.to(device).eval(), cfg, ckpt_dir
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from psdet.data import build_dataset
+    from psdet.distributed import DistContext
+    from psdet.engine import run_evaluation, setup_logging
+
+    cfg = _load(args)
+    setup_logging(None, True)
+    model, cfg, ckpt_dir = _model_from_checkpoint(args.ckpt, cfg)
+    dataset = build_dataset(cfg.data, args.split or cfg.data.val_split, train=False, seed=cfg.train.seed)
+    device = next(model.parameters()).device
+    metrics = run_evaluation(model, dataset, cfg, DistContext(0, 1, 0, device))
+    if args.json:
+        print(json.dumps({"checkpoint": str(ckpt_dir), "images": len(dataset), **metrics}))
+    else:
+        print(f"checkpoint {ckpt_dir}, {len(dataset)} images")
+        print(f"{'':8}{'precision':>11}{'recall':>9}{'AP':>9}")
+        for kind in ("point", "slot"):
+            print(f"{kind:8}{metrics[kind + '_precision']:>11.4f}{metrics[kind + '_recall']:>9.4f}"
+                  f"{metrics[kind + '_ap']:>9.4f}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from psdet.data.synth import generate
+
+    if args.train < 0 or args.val < 0:
+        raise UserError("--train and --val must be >= 0")
+    generate(Path(args.out), args.train, args.val, args.seed)
+    print(f"wrote {args.train} training and {args.val} validation images to {args.out}")
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from psdet.models import build_model, count_parameters, describe
+
+    cfg = _load(args)
+    model = build_model(cfg.model, cfg.data.max_points)
+    print(describe(model))
+    print(f"{cfg.name}: {count_parameters(model):,} parameters")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from psdet.data import load_image
+    from psdet.draw import draw_detections
+
+    model, cfg, ckpt_dir = _model_from_checkpoint(args.ckpt, overrides=args.override)
+    device = next(model.parameters()).device
+    results = []
+    for index, image_path in enumerate(args.images):
+        image, (width, height) = load_image(Path(image_path), cfg.data.image_size)
+        with torch.no_grad():
+            (prediction,) = model.predict(image.unsqueeze(0).to(device))
+        scale = [width, height, width, height]
+        slots = [[*(float(v) * s for v, s in zip(entrance, scale)), float(score)]
+                 for entrance, score in zip(prediction.slot_entrances, prediction.slot_scores)]
+        points = [[float(x) * width, float(y) * height, float(score)]
+                  for (x, y), score in zip(prediction.point_xy, prediction.point_scores)]
+        results.append({"image": image_path, "width": width, "height": height, "points": points, "slots": slots})
+        if args.draw:
+            target = Path(args.draw)
+            if len(args.images) > 1:
+                target = target.with_name(f"{target.stem}-{index}{target.suffix}")
+            draw_detections(Path(image_path), points, slots, target)
+    print(json.dumps(results if len(results) > 1 else results[0], indent=1))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "synth": cmd_synth, "describe": cmd_describe,
+            "predict": cmd_predict}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"psdet {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"psdet {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except NonFiniteLossError as exc:
+        print(f"psdet {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

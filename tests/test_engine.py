@@ -1,0 +1,186 @@
+"""The training engine through its public entry points: `psdet train`, `psdet.engine.train`.
+
+Exact resume is checked bit for bit: a run killed mid-epoch (SIGKILL) and resumed
+ends with the same weights as one that was never interrupted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from psdet import checkpoint as ckpt
+from psdet.config import load_config
+from psdet.engine import train
+from psdet.reporting import LocalReporter
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small and quick: 128x128 input (a 4x4 grid), 8 images per batch.
+FAST = [
+    "data.image_size=128",
+    "data.batch_size=8",
+    "data.val_batch_size=8",
+    "train.epochs=3",
+    "train.progress=false",
+    "train.log_interval=2",
+]
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory) -> Path:
+    from psdet.data.synth import generate
+
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, 48, 8, seed=3, progress=False)
+    return root
+
+
+def _cfg(data: Path, *extra: str):
+    return load_config("ps_gat_tiny", [*FAST, f"data.root={data}", *extra])
+
+
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    newest = ckpt.list_checkpoints(run / "checkpoints")[-1]
+    state, _ = ckpt.load_checkpoint(newest)
+    return state["model"]
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs"
+
+
+def _psdet(*args: str) -> list[str]:
+    return [sys.executable, "-m", "psdet", *args]
+
+
+def test_resume_after_sigkill_mid_epoch_is_exact(synth_data, tmp_path):
+    overrides = [f"-o={o}" for o in [*FAST, "train.ckpt_every_steps=2", "train.epochs=4"]]
+    common = ["train", "-c", "ps_gat_tiny", "--data", str(synth_data), *overrides]
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    subprocess.run(_psdet(*common, "--out", str(clean)), check=True, timeout=300, cwd=REPO,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    victim = subprocess.Popen(_psdet(*common, "--out", str(killed)), cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        # Kill as soon as a mid-epoch checkpoint of the second epoch exists.
+        while time.monotonic() < deadline and victim.poll() is None:
+            names = [p.name for p in ckpt.list_checkpoints(killed / "checkpoints")]
+            if any(n.startswith("ckpt-e0001") for n in names):
+                break
+            time.sleep(0.02)
+        assert victim.poll() is None, "the run ended before it could be killed"
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    assert victim.returncode == -signal.SIGKILL
+    interrupted_at = ckpt.latest_valid(killed / "checkpoints")
+    assert interrupted_at is not None and ckpt.read_meta(interrupted_at)["epoch"] < 4
+
+    resumed = subprocess.run(_psdet(*common, "--out", str(killed), "--resume"), timeout=300, cwd=REPO,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    _assert_same_weights(_final_weights(clean), _final_weights(killed))
+
+
+def test_resume_from_mid_epoch_checkpoint_in_process(synth_data, tmp_path):
+    cfg = _cfg(synth_data, "train.epochs=2", "train.ckpt_every_steps=3", "train.keep_checkpoints=10")
+    clean = tmp_path / "clean"
+    train(cfg, clean)
+    checkpoints = ckpt.list_checkpoints(clean / "checkpoints")
+    mid_epoch = [p for p in checkpoints if ckpt.read_meta(p)["batch"] > 0]
+    assert mid_epoch, [p.name for p in checkpoints]
+    start = mid_epoch[-1]
+    assert ckpt.read_meta(start)["epoch"] == 1  # mid-way through the second epoch
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(start, resumed / "checkpoints" / start.name)
+    reporter = LocalReporter(resumed, resume=True)
+    metrics = train(cfg, resumed, reporter)
+    assert metrics["restarts"] == 1
+    _assert_same_weights(_final_weights(clean), _final_weights(resumed))
+
+
+def test_corrupt_newest_checkpoint_falls_back_with_warning(synth_data, tmp_path, caplog):
+    cfg = _cfg(synth_data, "train.epochs=2")
+    run = tmp_path / "run"
+    train(cfg, run)
+    first, newest = ckpt.list_checkpoints(run / "checkpoints")[-2:]
+    state_file = newest / ckpt.STATE_FILE
+    state_file.write_bytes(state_file.read_bytes()[:1000])  # truncated copy
+
+    with pytest.raises(ckpt.CheckpointError, match="truncated"):
+        ckpt.read_meta(newest)
+    with caplog.at_level("WARNING", logger="psdet"):
+        assert ckpt.latest_valid(run / "checkpoints") == first
+    assert any("corrupt" in r.message and first.name in r.message for r in caplog.records)
+
+    # Resuming continues from the previous checkpoint and finishes the run.
+    metrics = train(cfg, run, LocalReporter(run, resume=True))
+    assert metrics["epoch"] == 2 and metrics["restarts"] == 1
+
+
+def test_checkpoint_holds_full_state_and_loads_weights_only(synth_data, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(synth_data, "train.epochs=1"), run)
+    (only,) = ckpt.list_checkpoints(run / "checkpoints")
+    state = torch.load(only / ckpt.STATE_FILE, weights_only=True)
+    assert {"model", "optimizer", "scaler", "epoch", "step", "batch", "restarts", "rng"} <= state.keys()
+    assert {"python", "numpy", "torch"} <= state["rng"].keys()
+    assert load_config(only / ckpt.CONFIG_FILE).data.image_size == 128
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["epoch"] == 1 and "slot_ap" in rows[-1] and rows[-1]["checkpoint"] == str(only)
+
+
+def test_keeps_only_newest_checkpoints(synth_data, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(synth_data, "train.epochs=4", "train.keep_checkpoints=2"), run)
+    assert [p.name[:10] for p in ckpt.list_checkpoints(run / "checkpoints")] == ["ckpt-e0003", "ckpt-e0004"]
+
+
+def test_non_finite_loss_names_step_and_terms(synth_data, tmp_path):
+    result = subprocess.run(
+        _psdet("train", "-c", "ps_gat_tiny", "--data", str(synth_data), "--out", str(tmp_path / "nan"),
+               *[f"-o={o}" for o in FAST], "-o", "model.weight_point=.nan"),
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert "non-finite loss at epoch 1, step 1" in last
+    assert "loss_point=" in last and "loss_edge=" in last
+    assert "Traceback" not in result.stderr
+
+
+def test_torchrun_two_processes_on_gloo(synth_data, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", "0", "-m", "psdet", "train", "-c", "ps_gat_tiny", "--data", str(synth_data),
+         "--out", str(out), *[f"-o={o}" for o in FAST], "-o", "train.epochs=1", "-o", "train.sync_bn=true"],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log_text = (out / "train.log").read_text()
+    assert "rank 0 of 2" in log_text and "batch size 4 per worker, 8 in total" in log_text
+    (only,) = ckpt.list_checkpoints(out / "checkpoints")
+    state, _ = ckpt.load_checkpoint(only)
+    # 48 images / 2 ranks / 4 per batch = 6 steps per epoch on each rank.
+    assert state["step"] == 6
