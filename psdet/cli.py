@@ -72,7 +72,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from psdet import engine
     from psdet.reporting import LocalReporter
 
+    from psdet.data import list_samples
+
     cfg = _load(args)
+    for split in (cfg.data.train_split, cfg.data.val_split):  # fail before any log output
+        list_samples(Path(cfg.data.root), split)
     out = Path(args.out or Path("runs") / "train" / cfg.name)
     is_main = int(os.environ.get("RANK", "0")) == 0
     metrics = engine.train(cfg, out, LocalReporter(out, resume=args.resume, is_main=is_main))
@@ -134,8 +138,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     if args.train < 0 or args.val < 0:
         raise UserError("--train and --val must be >= 0")
-    generate(Path(args.out), args.train, args.val, args.seed)
-    print(f"wrote {args.train} training and {args.val} validation images to {args.out}")
+    summary = generate(Path(args.out), args.train, args.val, args.seed)
+    print(f"wrote {args.train} training and {args.val} validation images ({summary['marks']} marks, "
+          f"{summary['slots']} slots) to {args.out} in {summary['seconds']:.1f} s")
     return 0
 
 

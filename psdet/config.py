@@ -53,7 +53,10 @@ class GraphConfig:
 
 @dataclass
 class DmprConfig:
-    """DMPR-PS rule-based pairing of directional marking points (normalised units)."""
+    """DMPR-PS rule-based pairing of directional marking points.
+
+    The `*_dist` bands are SQUARED normalised distances (as in DMPR-PS); the angle
+    differences are radians."""
 
     vslot_min_dist: float = 0.044771278151623496
     vslot_max_dist: float = 0.1099427457599304
@@ -359,6 +362,10 @@ def validate(cfg: Config, source: str) -> None:
         fail("model.backbone", "must be darknet for the dmpr detector")
     if not 0 < cfg.model.edge_dropout < 1 and cfg.model.edge_dropout != 0:
         fail("model.edge_dropout", "must be in [0, 1)")
+    if not 0 <= cfg.model.boundary_thresh < 0.5:
+        fail("model.boundary_thresh", "must be in [0, 0.5)")
+    if cfg.model.nms_radius <= 0:
+        fail("model.nms_radius", "must be positive")
     if cfg.model.max_candidates < cfg.data.max_points:
         fail("model.max_candidates", f"must be >= data.max_points ({cfg.data.max_points})")
     if cfg.optim.lr <= 0:
