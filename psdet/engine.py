@@ -265,6 +265,7 @@ def _train(cfg: Config, out_dir: Path, reporter: Reporter, ctx: distributed.Dist
         epoch_terms = torch.zeros(len(LOSS_TERMS), dtype=torch.float64)
         epoch_steps = 0
         step = position.step if epoch == position.epoch else epoch * steps_per_epoch
+        epoch_start_step = step
         started = time.perf_counter()
         schedule = {}
         for batch_index, batch in enumerate(loader, start=skip):
@@ -299,8 +300,7 @@ def _train(cfg: Config, out_dir: Path, reporter: Reporter, ctx: distributed.Dist
                 save(ckpt.Position(epoch, step, done), {})
         progress.close()
         elapsed = time.perf_counter() - started
-        images_per_s = (step - (position.step if epoch == position.epoch else epoch * steps_per_epoch)) \
-            * cfg.data.batch_size / max(elapsed, 1e-9)
+        images_per_s = (step - epoch_start_step) * cfg.data.batch_size / max(elapsed, 1e-9)
         means = (epoch_terms / max(epoch_steps, 1)).tolist()
         last_metrics = {name: value for name, value in zip(LOSS_TERMS, means)}
         last_metrics.update(epoch=epoch + 1, step=step, lr=schedule.get("lr", float("nan")),

@@ -208,15 +208,20 @@ def slots_from_edges(edge_scores: Tensor, points: DecodedPoints, edge_thresh: fl
     """GAT slots: i -> j is a slot entrance when both points are valid, i != j and edge_scores[b, i, j] > edge_thresh.
 
     edge_scores [B, P, P] are probabilities (sigmoid of the edge logits). A slot's score is
-    its edge probability. Slots come in row-major (i, j) order. The original also
-    accepted i == j; a point paired with itself is no entrance, so it is skipped here.
+    its edge probability times the lower confidence of its two points (the original used
+    the edge probability alone, which ranks a confident edge between two doubtful points,
+    e.g. a stray low-confidence candidate, above a real slot). Slots come in row-major
+    (i, j) order. The original also accepted i == j; a point paired with itself is no
+    entrance, so it is skipped here.
     """
     edge_scores = edge_scores.detach().float().cpu().numpy()
+    confidence = points.scores.detach().float().cpu().numpy()
     valid = points.valid.cpu().numpy()
     num_points = valid.shape[1]
     is_slot = (edge_scores > edge_thresh) & valid[:, :, None] & valid[:, None, :] & ~np.eye(num_points, dtype=bool)
     start = np.broadcast_to(np.arange(num_points)[:, None], is_slot.shape)
-    return _image_predictions(points, is_slot, start, start.swapaxes(1, 2), edge_scores)
+    slot_scores = edge_scores * np.minimum(confidence[:, :, None], confidence[:, None, :])
+    return _image_predictions(points, is_slot, start, start.swapaxes(1, 2), slot_scores)
 
 
 def _angle_between(direction_a: Tensor, direction_b: Tensor) -> Tensor:

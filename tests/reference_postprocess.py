@@ -54,7 +54,8 @@ def non_maximum_suppression(pred_points, nms_radius):
 
 
 def slots_from_edges_image(points, edges, edge_thresh):
-    """Original GAT pairing: every ordered pair of the n points, score > thresh; self-pairs skipped (see psdet).
+    """Original GAT pairing: every ordered pair of the n points, score > thresh; self-pairs skipped and
+    the slot scored edge * min(point confidences) (see psdet.postprocess.slots_from_edges).
 
     edges [P, P]: a numpy array, or the edge predictor's tensor as the original read it.
     """
@@ -68,7 +69,7 @@ def slots_from_edges_image(points, edges, edge_thresh):
             if score > edge_thresh:
                 x1, y1 = points[i][2][:2]
                 x2, y2 = points[j][2][:2]
-                slots.append((score, np.array([x1, y1, x2, y2])))
+                slots.append((score * min(points[i][0], points[j][0]), np.array([x1, y1, x2, y2])))
     return slots
 
 

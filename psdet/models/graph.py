@@ -13,9 +13,11 @@ from torch import Tensor, nn
 from psdet.config import GraphConfig
 
 
-def mlp(channels: list[int], dropout: float = 0.0) -> nn.Sequential:
+def mlp(channels: list[int], dropout: float | None = None) -> nn.Sequential:
     """1x1 Conv1d layers (with bias) through `channels`; BN, ReLU (and dropout) between them.
 
+    With `dropout` given (even 0) every hidden layer gets a Dropout module, so the layer
+    indices, hence checkpoint keys, do not depend on the dropout rate.
     The last layer's bias starts at 0, as in every MLP of the original.
     """
     layers: list[nn.Module] = []
@@ -23,7 +25,7 @@ def mlp(channels: list[int], dropout: float = 0.0) -> nn.Sequential:
         layers.append(nn.Conv1d(channels[index - 1], channels[index], kernel_size=1, bias=True))
         if index < len(channels) - 1:
             layers += [nn.BatchNorm1d(channels[index]), nn.ReLU()]
-            if dropout > 0:
+            if dropout is not None:
                 layers.append(nn.Dropout(dropout))
     nn.init.zeros_(layers[-1].bias)
     return nn.Sequential(*layers)
