@@ -1,0 +1,1 @@
+"""The sweep: Ray Tune + Optuna around Ray Train running psdet.engine (entry point: orchestrate/tune.py)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from psdet.cli import main
@@ -18,6 +19,7 @@ from psdet.engine import run_evaluation
 from psdet.models import build_model
 
 
+@pytest.mark.timeout(1800)
 def test_tiny_detector_learns_slots(tmp_path, capsys):
     data, run = tmp_path / "synth", tmp_path / "run"
     assert main(["synth", "--out", str(data), "--train", "1000", "--val", "100", "--seed", "0"]) == 0

@@ -1,0 +1,206 @@
+"""`tune.py --dry-run`: what a sweep would do, without training anything.
+
+Prints the validated space, the trial budget, the resources of one trial and how many
+fit at once on the cluster, and the LR (warmup included) of the first configs the sweep
+will sample, as text or, with `--plot`, as a PNG drawn with Pillow.
+"""
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from orchestrate.space import DefineByRun, SweepSpec, describe_space, trial_config
+
+SPARK = "▁▂▃▄▅▆▇█"
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def sample_params(spec: SweepSpec, count: int) -> list[dict[str, Any]]:
+    """The first `count` parameter sets a fresh sweep draws (same sampler, same seed)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=spec.experiment.seed),
+                                direction="maximize" if spec.experiment.mode == "max" else "minimize")
+    space = DefineByRun(spec.search)
+    samples = []
+    for _ in range(count):
+        trial = study.ask()
+        space(trial)
+        samples.append(dict(trial.params))
+    return samples
+
+
+def steps_per_epoch(num_train_images: int, batch_size: int, workers: int) -> int:
+    """Optimizer steps per epoch of a trial: full batches per rank, as the engine's sampler counts them."""
+    from psdet.sampler import ResumableSampler
+
+    return ResumableSampler(num_train_images, max(batch_size // workers, 1), seed=0,
+                            world_size=workers).batches_per_epoch
+
+
+def asha_rungs(spec: SweepSpec) -> list[int]:
+    rungs, epoch = [], spec.scheduler.grace_period
+    while epoch < spec.max_epochs:
+        rungs.append(int(epoch))
+        epoch *= spec.scheduler.reduction_factor
+    return rungs
+
+
+def lr_curves(spec: SweepSpec, samples: list[dict[str, Any]], num_train_images: int) -> list[dict[str, Any]]:
+    from psdet.optim import lr_curve, warmup_steps
+
+    curves = []
+    for params in samples:
+        cfg = trial_config(spec, params)
+        steps = steps_per_epoch(num_train_images, cfg.data.batch_size, spec.resources.workers)
+        lr = lr_curve(cfg.optim, steps, cfg.train.epochs) if steps > 0 else np.zeros(0)
+        curves.append({"params": params, "lr": lr, "steps_per_epoch": steps, "epochs": cfg.train.epochs,
+                       "warmup_steps": warmup_steps(cfg.optim, steps) if steps > 0 else 0})
+    return curves
+
+
+def sparkline(values: np.ndarray, width: int = 48) -> str:
+    if len(values) == 0:
+        return ""
+    picks = values[np.linspace(0, len(values) - 1, min(width, len(values))).round().astype(int)]
+    top = float(picks.max()) or 1.0
+    return "".join(SPARK[min(int(v / top * (len(SPARK) - 1) + 0.5), len(SPARK) - 1)] for v in picks)
+
+
+def curve_text(curve: dict[str, Any]) -> str:
+    lr = curve["lr"]
+    if len(lr) == 0:
+        return "     (the training set is smaller than one batch: no steps)"
+    peak = int(np.argmax(lr))
+    warm = curve["warmup_steps"]
+    return (f"     lr {sparkline(lr)}  {lr[0]:.3g} -> peak {lr[peak]:.3g} at epoch "
+            f"{peak / curve['steps_per_epoch']:.2f} -> {lr[-1]:.3g}"
+            f"{f'; warmup {warm} steps' if warm else ''} ({curve['steps_per_epoch']} steps/epoch)")
+
+
+def plot_curves(curves: list[dict[str, Any]], path: Path, title: str) -> None:
+    """LR (log scale) against epoch for each sampled config, one colour each, legend below."""
+    from PIL import Image, ImageDraw
+
+    legends = [textwrap.wrap(f"{i + 1}. {_params_text(c['params'])}", 140) for i, c in enumerate(curves)]
+    width, left, right, top, plot_h = 900, 80, 20, 30, 300
+    height = top + plot_h + 50 + 16 * sum(len(lines) for lines in legends)
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    plot_w = width - left - right
+    positive = np.concatenate([c["lr"][c["lr"] > 0] for c in curves] or [np.ones(1)])
+    if positive.size == 0:
+        positive = np.ones(1)
+    log_low, log_high = math.floor(math.log10(positive.min())), math.ceil(math.log10(positive.max()))
+    log_high = max(log_high, log_low + 1)
+    max_epochs = max((c["epochs"] for c in curves), default=1)
+
+    def y_of(lr: np.ndarray) -> np.ndarray:
+        clipped = np.log10(np.clip(lr, 10.0**log_low, None))
+        return top + plot_h - plot_h * (clipped - log_low) / (log_high - log_low)
+
+    draw.text((left, 8), title, fill="black")
+    draw.rectangle([left, top, left + plot_w, top + plot_h], outline="black")
+    for power in range(log_low, log_high + 1):
+        y = float(y_of(np.array([10.0**power]))[0])
+        draw.line([left - 4, y, left, y], fill="black")
+        draw.text((8, y - 6), f"1e{power}", fill="black")
+    tick = max(1, math.ceil(max_epochs / 12))
+    for epoch in range(0, max_epochs + 1, tick):
+        x = left + plot_w * epoch / max_epochs
+        draw.line([x, top + plot_h, x, top + plot_h + 4], fill="black")
+        draw.text((x - 3, top + plot_h + 6), str(epoch), fill="black")
+    draw.text((left + plot_w // 2 - 20, top + plot_h + 20), "epoch", fill="black")
+    y_text = top + plot_h + 40
+    for index, (curve, lines) in enumerate(zip(curves, legends)):
+        colour = COLOURS[index % len(COLOURS)]
+        lr, steps = curve["lr"], curve["steps_per_epoch"]
+        if len(lr) > 1:
+            xs = left + plot_w * (np.arange(len(lr)) / steps) / max_epochs
+            draw.line(list(zip(xs.tolist(), y_of(lr).tolist())), fill=colour, width=2)
+        for line in lines:
+            draw.text((left, y_text), line, fill=colour)
+            y_text += 16
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def report(spec: SweepSpec, *, cluster: str, nodes: list[dict[str, float]], use_gpu: bool, fit: int,
+           num_train_images: int, data_note: str, plot: Path | None = None, samples: int = 3) -> str:
+    """The whole dry-run text (and the PNG when `plot` is given)."""
+    r = spec.resources
+    per_trial_cpu = r.driver_cpus + r.workers * r.cpus_per_worker
+    per_trial_gpu = r.workers * r.gpus_per_worker if use_gpu else 0
+    at_once = min(fit, spec.experiment.max_concurrent)
+    totals = {key: sum(node.get(key, 0) for node in nodes) for key in ("CPU", "GPU")}
+    rungs = asha_rungs(spec) if spec.scheduler.type == "asha" else []
+    lines = [
+        describe_space(spec),
+        "",
+        "budget",
+        f"  {spec.experiment.num_samples} trials x up to {spec.max_epochs} epochs = at most "
+        f"{spec.experiment.num_samples * spec.max_epochs} trial-epochs"
+        + (f"; ASHA may stop a trial after epoch {', '.join(map(str, rungs))}" if rungs else ""),
+        f"  time budget {spec.experiment.time_budget_s:g} s" if spec.experiment.time_budget_s else "  no time budget",
+        "",
+        "resources",
+        f"  one trial: {per_trial_cpu:g} CPU ({r.driver_cpus:g} driver + {r.workers} workers x {r.cpus_per_worker:g})"
+        + (f", {per_trial_gpu:g} GPU" if use_gpu else ", no GPU"),
+        f"  {cluster}: {len(nodes)} node(s), {totals['CPU']:g} CPU, {totals['GPU']:g} GPU",
+        f"  {fit} trial(s) fit at once; the sweep runs {at_once} at a time (max_concurrent "
+        f"{spec.experiment.max_concurrent})" + ("  <-- NOT ONE TRIAL FITS" if fit == 0 else ""),
+        "",
+        f"data: {data_note}",
+        "",
+        f"LR of the first {samples} sampled configs (warmup included):",
+    ]
+    curves = lr_curves(spec, sample_params(spec, samples), num_train_images)
+    for index, curve in enumerate(curves, start=1):
+        lines += [f"  {index}. {_params_text(curve['params'])}", curve_text(curve)]
+    if plot is not None:
+        plot_curves(curves, plot, f"{spec.name}: LR of the first {samples} sampled configs")
+        lines.append(f"plot: {plot}")
+    return "\n".join(lines)
+
+
+def count_training_images(data_root: Path, train_split: str) -> int:
+    from orchestrate.data import LABEL_DIR
+
+    return len(list((data_root / LABEL_DIR / train_split).glob("*.json")))
+
+
+def trials_that_fit(spec: SweepSpec, use_gpu: bool, nodes: list[dict[str, float]], limit: int = 1000) -> int:
+    """How many trials can hold their resources at once: each places its driver and its
+    workers' bundles (which may spread over nodes) greedily on what is left."""
+    r = spec.resources
+    free = [dict(node) for node in nodes]
+    worker_bundle = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
+    eps = 1e-9
+
+    def place(bundle: dict[str, float], pool: list[dict[str, float]]) -> bool:
+        for node in sorted(pool, key=lambda n: -n.get("CPU", 0)):
+            if all(node.get(k, 0) + eps >= v for k, v in bundle.items()):
+                for k, v in bundle.items():
+                    node[k] = node.get(k, 0) - v
+                return True
+        return False
+
+    count = 0
+    while count < limit:
+        trial_pool = [dict(node) for node in free]
+        if not place({"CPU": r.driver_cpus}, trial_pool):
+            break
+        if not all(place(worker_bundle, trial_pool) for _ in range(r.workers)):
+            break
+        free = trial_pool
+        count += 1
+    return count

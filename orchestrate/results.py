@@ -1,0 +1,275 @@
+"""What a sweep leaves behind: a per-trial ledger while it runs; a leaderboard,
+`results.parquet`, `best_config.yaml` and `best_checkpoint.txt` when it ends.
+
+`TrialLedger` is a Tune callback that keeps one record per trial (params, last and best
+evaluation, status, epochs, restarts, wall time) in `<experiment>/trials.json`,
+rewritten on every event. It is the sweep's memory across drivers: a driver killed
+mid-sweep and resumed (`--resume`) reloads it, and a trial's record is only ever
+updated, never rebuilt from scratch.
+
+Status: `completed` ran all its planned epochs, `pruned` ended earlier without an
+error (ASHA stopped it, or the time budget ran out), `errored` failed for good,
+`running` was cut off (only seen if the sweep did not finish). A trial a killed driver
+started after Ray last saved its experiment state is unknown to the resumed sweep (Ray
+starts a new one in its place): its record is marked `abandoned` and left out of the results.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray import tune
+
+from orchestrate import storage
+from orchestrate.ray_reporter import TOTAL_EPOCHS, WORKER_RESTARTS
+from orchestrate.space import SweepSpec, trial_config
+from psdet.config import dump_yaml
+
+LEDGER = "trials.json"
+RESULTS = "results.parquet"
+BEST_CONFIG = "best_config.yaml"
+BEST_CHECKPOINT = "best_checkpoint.txt"
+# What the engine reports (docs/CONTRACTS.md), plus what the sweep adds.
+REPORTED = ("epoch", "step", "loss", "loss_point", "loss_edge", "lr", "point_precision", "point_recall",
+            "point_ap", "slot_precision", "slot_recall", "slot_ap", "restarts", "images_per_s")
+STATUS_ORDER = {"completed": 0, "pruned": 1, "running": 2, "pending": 2, "errored": 3}
+FINISHED = ("completed", "pruned")
+
+
+def _better(mode: str, a: float, b: float | None) -> bool:
+    if b is None or (isinstance(b, float) and math.isnan(b)):
+        return True
+    return a > b if mode == "max" else a < b
+
+
+class TrialLedger(tune.Callback):
+    """One record per trial, kept in `<experiment>/trials.json` and echoed as progress lines
+    (each printed after the record is on disk)."""
+
+    def __init__(self, experiment_uri: str, metric: str, mode: str) -> None:
+        self.experiment_uri = experiment_uri
+        self.metric = metric
+        self.mode = mode
+        self.records: dict[str, dict[str, Any]] = {}
+        self._session_start: dict[str, float] = {}
+
+    # -- Tune hooks
+
+    def setup(self, **info) -> None:
+        self.records = read_ledger(self.experiment_uri)
+        self._session_start = {}
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        record = self._record(trial)
+        if record["status"] in FINISHED:  # Ray's state predates its end; run_trial will not train it
+            print(f"trial {trial.trial_id} already {record['status']} before the driver restarted", flush=True)
+            return
+        record["status"] = "running"
+        record["wall_base_s"] = record["wall_time_s"]
+        record["worker_restarts_base"] = record["worker_restarts"]
+        self._session_start[trial.trial_id] = time.time()
+        self._save()
+        print(f"trial {trial.trial_id} started: {_params_text(record['params'])}", flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        record = self._record(trial)
+        metrics = {key: result[key] for key in REPORTED if isinstance(result.get(key), (int, float))}
+        if "epoch" not in metrics:
+            return
+        record["final"] = metrics
+        record["epochs"] = int(metrics["epoch"])
+        record["total_epochs"] = int(result.get(TOTAL_EPOCHS, record["total_epochs"] or 0)) or None
+        record["restarts"] = int(metrics.get("restarts", 0))
+        # TuneReport counts per trainer; a resumed driver starts a new one on top of the old count.
+        record["worker_restarts"] = max(record["worker_restarts"],
+                                        record["worker_restarts_base"] + int(result.get(WORKER_RESTARTS, 0)))
+        if result.get("checkpoint_path"):
+            record["checkpoint"] = storage.display(self.experiment_uri, result["checkpoint_path"])
+        value = metrics.get(self.metric)
+        if value is not None and not math.isnan(value) and _better(self.mode, value, record["best"].get(self.metric)):
+            record["best"] = dict(metrics)
+        self._tick(trial, record)
+        self._save()
+        print(f"trial {trial.trial_id} epoch {record['epochs']}/{record['total_epochs']}: "
+              f"{self.metric} {_fmt(value)}, loss {_fmt(metrics.get('loss'))}", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        record = self._record(trial)
+        total = record["total_epochs"]
+        record["status"] = "completed" if total and record["epochs"] >= total else "pruned"
+        self._tick(trial, record)
+        self._save()
+        print(f"trial {trial.trial_id} {record['status']} after {record['epochs']}/{total} epochs: "
+              f"{self.metric} {_fmt(record['final'].get(self.metric))}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        record = self._record(trial)
+        record["status"] = "errored"
+        record["error"] = _error_summary(trial)
+        self._tick(trial, record)
+        self._save()
+        print(f"trial {trial.trial_id} errored after {record['epochs']} epochs: {record['error']}", flush=True)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        known = {trial.trial_id for trial in trials}
+        for trial_id, record in self.records.items():
+            if trial_id not in known:
+                record["status"] = "abandoned"
+        self._save()
+
+    # -- bookkeeping
+
+    def _record(self, trial) -> dict[str, Any]:
+        if trial.trial_id not in self.records:
+            self.records[trial.trial_id] = {
+                "trial_id": trial.trial_id, "params": dict(trial.config), "status": "pending",
+                "epochs": 0, "total_epochs": None, "final": {}, "best": {}, "checkpoint": None,
+                "restarts": 0, "worker_restarts": 0, "worker_restarts_base": 0,
+                "wall_time_s": 0.0, "wall_base_s": 0.0, "error": None,
+            }
+        return self.records[trial.trial_id]
+
+    def _tick(self, trial, record: dict[str, Any]) -> None:
+        started = self._session_start.get(trial.trial_id)
+        if started is not None:
+            record["wall_time_s"] = record["wall_base_s"] + time.time() - started
+
+    def _save(self) -> None:
+        storage.write_bytes(storage.join(self.experiment_uri, LEDGER),
+                            json.dumps(self.records, indent=1, sort_keys=True).encode())
+
+
+def read_ledger(experiment_uri: str) -> dict[str, dict[str, Any]]:
+    uri = storage.join(experiment_uri, LEDGER)
+    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else {}
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={_fmt(value)}" for key, value in params.items()) or "(no parameters)"
+
+
+def _error_summary(trial) -> str:
+    path = trial.error_file
+    if path and Path(path).is_file():
+        lines = [line.strip() for line in Path(path).read_text(errors="replace").splitlines() if line.strip()]
+        if lines:
+            return lines[-1][:300]
+    return "unknown error (see the trial directory)"
+
+
+# ----------------------------------------------------------------------------- the end of a sweep
+
+
+def ranked(records: dict[str, dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
+    """Completed trials by final metric, then pruned ones by their best, then the rest."""
+    sign = -1 if mode == "max" else 1
+
+    def key(record: dict[str, Any]):
+        source = record["final"] if record["status"] == "completed" else record["best"]
+        value = source.get(metric)
+        missing = value is None or (isinstance(value, float) and math.isnan(value))
+        return STATUS_ORDER.get(record["status"], 9), missing, 0 if missing else sign * value
+
+    return sorted(records.values(), key=key)
+
+
+def rows(records: dict[str, dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
+    """One flat row per trial: params under their config keys (which hold a dot),
+    metrics as `final_<key>` and `best_<key>` (the evaluation with the best `metric`)."""
+    out = []
+    kept = {tid: record for tid, record in records.items() if record["status"] != "abandoned"}
+    for rank, record in enumerate(ranked(kept, metric, mode), start=1):
+        row = {
+            "rank": rank, "trial_id": record["trial_id"], "status": record["status"],
+            "epochs": record["epochs"], "total_epochs": record["total_epochs"],
+            "restarts": record["restarts"], "worker_restarts": record["worker_restarts"],
+            "wall_time_s": round(record["wall_time_s"], 3), "checkpoint": record["checkpoint"],
+            "error": record["error"],
+        }
+        row.update(record["params"])
+        row.update({f"final_{k}": v for k, v in record["final"].items()})
+        row.update({f"best_{k}": v for k, v in record["best"].items()})
+        out.append(row)
+    return out
+
+
+def to_table(table_rows: list[dict[str, Any]]) -> pa.Table:
+    columns: dict[str, list] = {}
+    for row in table_rows:
+        for key in row:
+            columns.setdefault(key, [])
+    for key in columns:
+        values = [row.get(key) for row in table_rows]
+        kinds = {type(v) for v in values if v is not None}
+        if len(kinds) > 1 and not kinds <= {int, float}:
+            values = [None if v is None else str(v) for v in values]  # a choice mixing types
+        elif kinds == {int, float}:
+            values = [None if v is None else float(v) for v in values]
+        columns[key] = values
+    return pa.table(columns)
+
+
+def leaderboard(table_rows: list[dict[str, Any]], spec: SweepSpec, limit: int = 20) -> str:
+    metric = spec.experiment.metric
+    param_keys = [p.key for p in spec.search]
+    header = ["#", "trial", "status", "epochs", f"final {metric}", f"best {metric}", "restarts", "wall s",
+              *param_keys]
+    lines = []
+    for row in table_rows[:limit]:
+        lines.append([
+            str(row["rank"]), row["trial_id"], row["status"], f"{row['epochs']}/{row['total_epochs'] or '?'}",
+            _fmt(row.get(f"final_{metric}")), _fmt(row.get(f"best_{metric}")),
+            f"{row['restarts']}/{row['worker_restarts']}", f"{row['wall_time_s']:.0f}",
+            *[_fmt(row.get(key)) for key in param_keys],
+        ])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+    render = ["  ".join(cell.ljust(w) for cell, w in zip(header, widths))]
+    render += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]
+    if len(table_rows) > limit:
+        render.append(f"... and {len(table_rows) - limit} more in {RESULTS}")
+    return "\n".join(render)
+
+
+def write_results(spec: SweepSpec, experiment_uri: str, data_root: str,
+                  records: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Write results.parquet, best_config.yaml and best_checkpoint.txt; print the leaderboard.
+    Returns {"rows", "best" (row or None), "paths"}."""
+    if records is None:
+        records = read_ledger(experiment_uri)
+    metric, mode = spec.experiment.metric, spec.experiment.mode
+    table_rows = rows(records, metric, mode)
+    buffer = io.BytesIO()
+    pq.write_table(to_table(table_rows), buffer)
+    paths = {"results": storage.join(experiment_uri, RESULTS)}
+    storage.write_bytes(paths["results"], buffer.getvalue())
+
+    print(f"\nleaderboard of '{spec.name}' ({mode} {metric}; restarts = from checkpoint / of the worker group):")
+    print(leaderboard(table_rows, spec))
+    best = next((row for row in table_rows if row["status"] == "completed"), None)
+    if best is None:
+        best = next((row for row in table_rows if row["status"] == "pruned"), None)
+        if best is not None:
+            print(f"no trial completed; the best pruned one is {best['trial_id']}")
+    if best is not None:
+        params = records[best["trial_id"]]["params"]
+        cfg = trial_config(spec, params, data_root)
+        cfg.name = f"{spec.name}_best"
+        paths["best_config"] = storage.join(experiment_uri, BEST_CONFIG)
+        storage.write_bytes(paths["best_config"], dump_yaml(cfg).encode())
+        paths["best_checkpoint"] = storage.join(experiment_uri, BEST_CHECKPOINT)
+        storage.write_bytes(paths["best_checkpoint"], f"{best['checkpoint']}\n".encode())
+        print(f"best trial {best['trial_id']}: {metric} {_fmt(best.get(f'final_{metric}'))}, {_params_text(params)}")
+        print(f"best config      {paths['best_config']}  (psdet train -c {paths['best_config']})")
+        print(f"best checkpoint  {best['checkpoint']}")
+    print(f"results          {paths['results']}")
+    return {"rows": table_rows, "best": best, "paths": paths}

@@ -1,0 +1,484 @@
+"""Search-space YAML -> a validated `SweepSpec` -> an Optuna define-by-run function.
+
+A space file has five sections (documented with examples in search_spaces/README.md):
+
+    experiment:       base config, fixed overrides, metric, mode, budget, seed
+    search:           dotted config key -> {type: loguniform|uniform|int|choice, ..., when: {...}}
+    scheduler:        asha or none
+    resources:        workers per trial, GPUs, CPUs
+    fault_tolerance:  worker and trial retries, checkpoints kept
+
+Everything is checked before Ray starts: every mistake raises `ConfigError` with one
+line naming the file and the key. Parameter values are also checked against the
+detector config itself (a value the config would reject fails here, not in trial 7).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from psdet.config import (
+    Config,
+    build_dataclass,
+    config_from_dict,
+    load_config,
+    set_dotted,
+    to_dict,
+)
+from psdet.errors import ConfigError
+
+# What the engine reports once per evaluation (docs/CONTRACTS.md) and can be optimised.
+METRICS = ("slot_ap", "point_ap", "slot_precision", "slot_recall", "point_precision", "point_recall",
+           "loss", "loss_point", "loss_edge")
+PARAM_TYPES = ("loguniform", "uniform", "int", "choice")
+SECTIONS = ("experiment", "search", "scheduler", "resources", "fault_tolerance")
+
+
+@dataclass(frozen=True)
+class SyntheticData:
+    """The dataset synthesized (once, cached) when tune.py gets no --data."""
+
+    train: int = 64
+    val: int = 16
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str | None = None  # default: the space file's stem
+    base_config: str = ""  # a shipped config name or a YAML path (relative to the space file or cwd)
+    metric: str = "slot_ap"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = 10
+    seed: int = 0  # TPE sampler seed
+    max_concurrent: int = 1
+    time_budget_s: float | None = None
+    synthetic_data: SyntheticData = field(default_factory=SyntheticData)
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = 1  # epochs before ASHA may stop a trial
+    reduction_factor: float = 2.0
+
+
+@dataclass(frozen=True)
+class Resources:
+    workers: int = 2  # Ray Train workers (DDP ranks) per trial
+    use_gpu: Literal["auto", True, False] = "auto"  # auto: when a whole trial's GPUs fit on the cluster
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # only when GPUs are used; fractions share a card
+    driver_cpus: float = 0.1  # the trial's own driver process (Ray rejects 0)
+
+
+@dataclass(frozen=True)
+class FaultTolerance:
+    worker_max_failures: int = 2  # Ray Train worker-group restarts per trial (-1: unlimited)
+    trial_max_failures: int = 1  # Tune retries of a failed trial (-1: unlimited)
+    checkpoints_kept: int = 2  # per trial, newest first
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched config key. `when` maps an earlier choice parameter to the values that enable this one."""
+
+    key: str
+    type: str
+    low: float | int | None = None
+    high: float | int | None = None
+    values: tuple = ()
+    log: bool = False
+    step: int = 1
+    when: tuple[tuple[str, tuple], ...] = ()
+
+    def active(self, chosen: dict[str, Any]) -> bool:
+        return all(key in chosen and chosen[key] in allowed for key, allowed in self.when)
+
+    def suggest(self, trial) -> Any:
+        if self.type == "loguniform":
+            return trial.suggest_float(self.key, self.low, self.high, log=True)
+        if self.type == "uniform":
+            return trial.suggest_float(self.key, self.low, self.high)
+        if self.type == "int":
+            return trial.suggest_int(self.key, self.low, self.high, step=self.step, log=self.log)
+        return trial.suggest_categorical(self.key, list(self.values))
+
+    def describe(self) -> str:
+        if self.type == "choice":
+            text = f"choice {list(self.values)}"
+        else:
+            extra = (" log" if self.log else "") + (f" step {self.step}" if self.step != 1 else "")
+            text = f"{self.type} [{self.low}, {self.high}]{extra}"
+        if self.when:
+            text += "  when " + ", ".join(f"{k} in {list(v)}" for k, v in self.when)
+        return text
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A validated search space. `base_tree` is the resolved base config with the fixed
+    overrides applied, as a plain dict: trials never read config files again."""
+
+    path: str
+    name: str
+    experiment: Experiment
+    overrides: dict[str, Any]
+    search: tuple[Param, ...]
+    scheduler: Scheduler
+    resources: Resources
+    fault_tolerance: FaultTolerance
+    base_tree: dict
+
+    @property
+    def max_epochs(self) -> int:
+        """The most epochs any trial can run (ASHA's max_t)."""
+        for param in self.search:
+            if param.key == "train.epochs":
+                return int(param.high if param.type == "int" else max(param.values))
+        return int(self.base_tree["train"]["epochs"])
+
+
+class DefineByRun:
+    """Optuna define-by-run space: samples each parameter whose `when` holds, in file order.
+
+    A module-level class holding plain data, so it pickles with Tune's searcher state.
+    """
+
+    def __init__(self, params: tuple[Param, ...]) -> None:
+        self.params = params
+
+    def __call__(self, trial) -> None:
+        chosen: dict[str, Any] = {}
+        for param in self.params:
+            if param.active(chosen):
+                chosen[param.key] = param.suggest(trial)
+
+
+def trial_config(spec: SweepSpec, params: dict[str, Any], data_root: str | None = None) -> Config:
+    """The full detector config of one trial: base + fixed overrides + sampled params (+ data root)."""
+    tree = copy.deepcopy(spec.base_tree)
+    for key, value in params.items():
+        set_dotted(tree, key, value)
+    if data_root is not None:
+        set_dotted(tree, "data.root", str(data_root))
+    return config_from_dict(tree, source=f"{spec.path} (trial params {params})")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_space(path: str | Path) -> SweepSpec:
+    """Read and validate a search-space file; `ConfigError` (one line: file and key) on any mistake."""
+    path = Path(path)
+    where = str(path)
+    raw = _read(path)
+    unknown = [key for key in raw if key not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"{where}: unknown section '{unknown[0]}'{_hint(str(unknown[0]), SECTIONS)}")
+    for section in ("experiment", "search"):
+        if section not in raw:
+            raise ConfigError(f"{where}: missing section '{section}'")
+    for section in SECTIONS:
+        if section in raw and not isinstance(raw[section], dict):
+            raise ConfigError(f"{where}: section '{section}' must be a mapping, got {raw[section]!r}")
+
+    experiment_raw = dict(raw["experiment"])
+    overrides = experiment_raw.pop("overrides", None) or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{where}: 'experiment.overrides' must be a mapping of dotted config keys, got {overrides!r}")
+    experiment = build_dataclass(Experiment, experiment_raw, {}, "experiment.", where)
+    scheduler = build_dataclass(Scheduler, raw.get("scheduler") or {}, {}, "scheduler.", where)
+    resources = build_dataclass(Resources, raw.get("resources") or {}, {}, "resources.", where)
+    fault_tolerance = build_dataclass(FaultTolerance, raw.get("fault_tolerance") or {}, {}, "fault_tolerance.", where)
+    _check_ranges(where, experiment, scheduler, resources, fault_tolerance)
+
+    base_tree = _base_tree(where, path, experiment.base_config, overrides)
+    search = _parse_search(where, raw["search"], overrides, base_tree)
+    spec = SweepSpec(
+        path=where,
+        name=experiment.name or path.stem,
+        experiment=experiment,
+        overrides=dict(overrides),
+        search=search,
+        scheduler=scheduler,
+        resources=resources,
+        fault_tolerance=fault_tolerance,
+        base_tree=base_tree,
+    )
+    if scheduler.type == "asha" and scheduler.grace_period > spec.max_epochs:
+        raise ConfigError(f"{where}: 'scheduler.grace_period' ({scheduler.grace_period}) is longer than "
+                          f"a trial ({spec.max_epochs} epochs)")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", spec.name):
+        raise ConfigError(f"{where}: 'experiment.name' {spec.name!r} must be letters, digits, '_', '-' or '.'")
+    return spec
+
+
+def _read(path: Path) -> dict:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read search space: {exc.strerror}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a search space must be a mapping of sections ({', '.join(SECTIONS)})")
+    return loaded
+
+
+def _hint(key: str, valid) -> str:
+    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else f" (valid: {', '.join(valid)})"
+
+
+def _check_ranges(where: str, experiment: Experiment, scheduler: Scheduler, resources: Resources,
+                  fault_tolerance: FaultTolerance) -> None:
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"{where}: '{key}' {why}")
+
+    if not experiment.base_config:
+        fail("experiment.base_config", "is required (a shipped config name such as ps_gat_tiny, or a YAML path)")
+    if experiment.metric not in METRICS:
+        fail("experiment.metric", f"{experiment.metric!r} is not a reported metric{_hint(experiment.metric, METRICS)}")
+    if experiment.num_samples < 1:
+        fail("experiment.num_samples", f"must be >= 1, got {experiment.num_samples}")
+    if experiment.max_concurrent < 1:
+        fail("experiment.max_concurrent", f"must be >= 1, got {experiment.max_concurrent}")
+    if experiment.time_budget_s is not None and experiment.time_budget_s <= 0:
+        fail("experiment.time_budget_s", f"must be positive, got {experiment.time_budget_s}")
+    synth = experiment.synthetic_data
+    if synth.train < 1 or synth.val < 1:
+        fail("experiment.synthetic_data", f"needs at least one training and one validation image, got {synth}")
+    if scheduler.grace_period < 1:
+        fail("scheduler.grace_period", f"must be >= 1 epoch, got {scheduler.grace_period}")
+    if scheduler.reduction_factor <= 1:
+        fail("scheduler.reduction_factor", f"must be > 1, got {scheduler.reduction_factor}")
+    if resources.workers < 1:
+        fail("resources.workers", f"must be >= 1, got {resources.workers}")
+    for key in ("cpus_per_worker", "gpus_per_worker", "driver_cpus"):
+        if getattr(resources, key) <= 0:
+            fail(f"resources.{key}", f"must be positive, got {getattr(resources, key)}")
+    if resources.gpus_per_worker > 1 and resources.gpus_per_worker != int(resources.gpus_per_worker):
+        fail("resources.gpus_per_worker", f"above 1 must be a whole number, got {resources.gpus_per_worker}")
+    if resources.use_gpu is not False and resources.workers > 1 and resources.gpus_per_worker < 1:
+        fail("resources.gpus_per_worker", f"({resources.gpus_per_worker:g}) below 1 with {resources.workers} workers "
+                                          "would put two DDP ranks on one GPU, which NCCL refuses")
+    for key in ("worker_max_failures", "trial_max_failures"):
+        if getattr(fault_tolerance, key) < -1:
+            fail(f"fault_tolerance.{key}", f"must be >= 0, or -1 for unlimited, got {getattr(fault_tolerance, key)}")
+    if fault_tolerance.checkpoints_kept < 1:
+        fail("fault_tolerance.checkpoints_kept", f"must be >= 1, got {fault_tolerance.checkpoints_kept}")
+
+
+_PREFIX = re.compile(r"^(override|\S+\.ya?ml): ")
+
+
+def _strip_source(message: str) -> str:
+    """Drop the 'override: ' / 'path.yaml: ' prefix of a psdet.config error we re-attribute."""
+    return _PREFIX.sub("", message, count=1)
+
+
+def _base_tree(where: str, space_path: Path, base_config: str, overrides: dict) -> dict:
+    candidate = space_path.parent / base_config
+    base = candidate if candidate.is_file() else base_config
+    try:
+        cfg = load_config(base, overrides)
+    except ConfigError as exc:
+        key = "experiment.overrides" if overrides and "override" in str(exc) else "experiment.base_config"
+        raise ConfigError(f"{where}: '{key}': {_strip_source(str(exc))}") from None
+    # Fully resolved, so a trial on another node reads no config file.
+    return to_dict(cfg)
+
+
+def _config_field(key: str) -> Any:
+    """The annotation of dotted config key `key`; ConfigError text (no file) if it is not one."""
+    cls: Any = Config
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        prefix = ".".join(parts[:depth])
+        if part not in names:
+            valid = [f"{prefix}.{n}" if prefix else n for n in names]
+            raise ConfigError(f"is not a config key{_hint(key, valid)}")
+        annotation = hints[part]
+        if depth < len(parts) - 1:
+            if not dataclasses.is_dataclass(annotation):
+                raise ConfigError(f"is not a config key ('{'.'.join(parts[:depth + 1])}' is a value, not a section)")
+            cls = annotation
+        elif dataclasses.is_dataclass(annotation):
+            raise ConfigError("is a config section; search one of its keys")
+    return annotation
+
+
+_PARAM_KEYS = {
+    "loguniform": ("type", "low", "high", "when"),
+    "uniform": ("type", "low", "high", "when"),
+    "int": ("type", "low", "high", "log", "step", "when"),
+    "choice": ("type", "values", "when"),
+}
+
+
+def _number(value: Any, where: str, integer: bool = False) -> float | int:
+    if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if integer:
+        if value != int(value):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def _parse_search(where: str, search: dict, overrides: dict, base_tree: dict) -> tuple[Param, ...]:
+    if not search:
+        raise ConfigError(f"{where}: section 'search' has no parameters")
+    params: list[Param] = []
+    for key, body in search.items():
+        key = str(key)
+        at = f"{where}: 'search.{key}'"
+        try:
+            annotation = _config_field(key)
+        except ConfigError as exc:
+            raise ConfigError(f"{at} {exc}") from None
+        if key in overrides:
+            raise ConfigError(f"{at} is also fixed in 'experiment.overrides'; search it or fix it, not both")
+        if key == "data.root":
+            raise ConfigError(f"{at} cannot be searched (tune.py --data sets it)")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{at} must be a mapping like {{type: loguniform, low: 1e-4, high: 1e-2}}, got {body!r}")
+        kind = body.get("type")
+        if kind not in PARAM_TYPES:
+            raise ConfigError(f"{where}: 'search.{key}.type' must be one of {', '.join(PARAM_TYPES)}, got {kind!r}")
+        for sub in body:
+            if sub not in _PARAM_KEYS[kind]:
+                raise ConfigError(f"{where}: unknown key 'search.{key}.{sub}' for type {kind}"
+                                  f"{_hint(str(sub), _PARAM_KEYS[kind])}")
+        param = _parse_param(where, key, kind, body, annotation)
+        param = dataclasses.replace(param, when=_parse_when(where, key, body.get("when"), params))
+        params.append(param)
+    for param in params:
+        _check_against_config(where, param, params, base_tree)
+    return tuple(params)
+
+
+def _parse_param(where: str, key: str, kind: str, body: dict, annotation: Any) -> Param:
+    at = f"{where}: 'search.{key}"
+    if kind == "choice":
+        values = body.get("values")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{at}.values' must be a non-empty list, got {values!r}")
+        for value in values:
+            if not isinstance(value, (str, int, float, bool)):
+                raise ConfigError(f"{at}.values' must hold plain values (numbers, strings, booleans), got {value!r}")
+        if len(set(map(repr, values))) != len(values):
+            raise ConfigError(f"{at}.values' lists a value twice: {values}")
+        return Param(key, kind, values=tuple(values))
+
+    for bound in ("low", "high"):
+        if bound not in body:
+            raise ConfigError(f"{at}.{bound}' is required for type {kind}")
+    integer = kind == "int"
+    low = _number(body["low"], f"{at}.low'", integer)
+    high = _number(body["high"], f"{at}.high'", integer)
+    if integer and annotation not in (int, float):
+        raise ConfigError(f"{at}' has type int but config key {key} is {_type_name(annotation)}")
+    if not integer and annotation is not float:
+        raise ConfigError(f"{at}' has type {kind} but config key {key} is {_type_name(annotation)} "
+                          f"(use {'int' if annotation is int else 'choice'})")
+    if low > high or (low == high and not integer):
+        raise ConfigError(f"{at}.low' ({low}) must be below 'high' ({high})")
+    log = body.get("log", False)
+    if not isinstance(log, bool):
+        raise ConfigError(f"{at}.log' must be true or false, got {log!r}")
+    if (kind == "loguniform" or log) and low <= 0:
+        raise ConfigError(f"{at}.low' must be positive for a log scale, got {low}")
+    step = _number(body.get("step", 1), f"{at}.step'", integer=True)
+    if step < 1 or (log and step != 1):
+        raise ConfigError(f"{at}.step' must be >= 1 (and 1 with log: true), got {step}")
+    return Param(key, kind, low=low, high=high, log=log, step=int(step))
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _parse_when(where: str, key: str, when: Any, earlier: list[Param]) -> tuple[tuple[str, tuple], ...]:
+    if when is None:
+        return ()
+    at = f"{where}: 'search.{key}.when'"
+    if not isinstance(when, dict) or not when:
+        raise ConfigError(f"{at} must map an earlier choice parameter to its enabling value(s), got {when!r}")
+    by_key = {p.key: p for p in earlier}
+    conditions = []
+    for ref, allowed in when.items():
+        ref = str(ref)
+        if ref not in by_key:
+            raise ConfigError(f"{at} refers to '{ref}', which is not a search parameter listed above it"
+                              f"{_hint(ref, list(by_key)) if by_key else ''}")
+        target = by_key[ref]
+        if target.type != "choice":
+            raise ConfigError(f"{at} refers to '{ref}', a {target.type} parameter; conditions need a choice")
+        allowed = tuple(allowed) if isinstance(allowed, list) else (allowed,)
+        impossible = [value for value in allowed if value not in target.values]
+        if impossible:
+            raise ConfigError(f"{at}: '{ref}' never takes {impossible[0]!r} (its values: {list(target.values)})")
+        conditions.append((ref, allowed))
+    return tuple(conditions)
+
+
+def _enabling_context(param: Param, by_key: dict[str, Param]) -> dict[str, Any]:
+    """Values of the parameters `param` depends on (transitively) that make it active."""
+    context: dict[str, Any] = {}
+    for ref, allowed in param.when:
+        context.update(_enabling_context(by_key[ref], by_key))
+        context[ref] = allowed[0]
+    return context
+
+
+def _check_against_config(where: str, param: Param, params: list[Param], base_tree: dict) -> None:
+    """Each bound / choice must give a config the detector accepts, with its conditions met."""
+    context = _enabling_context(param, {p.key: p for p in params})
+    values = param.values if param.type == "choice" else (param.low, param.high)
+    for value in values:
+        tree = copy.deepcopy(base_tree)
+        for key, fixed in {**context, param.key: value}.items():
+            set_dotted(tree, key, fixed)
+        try:
+            config_from_dict(tree, source="search")
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: 'search.{param.key}': {value!r} is rejected by the config: "
+                              f"{_strip_source(str(exc)).removeprefix('search: ')}") from None
+
+
+def describe_space(spec: SweepSpec) -> str:
+    """The validated space as a short, human-readable block."""
+    e, s, r, f = spec.experiment, spec.scheduler, spec.resources, spec.fault_tolerance
+    lines = [
+        f"sweep '{spec.name}' from {spec.path}",
+        f"  base config   {e.base_config}" + (f"  + {spec.overrides}" if spec.overrides else ""),
+        f"  objective     {e.mode} {e.metric}, {e.num_samples} trials, {e.max_concurrent} at a time, "
+        f"TPE seed {e.seed}" + (f", time budget {e.time_budget_s:g} s" if e.time_budget_s else ""),
+        "  search",
+        *[f"    {p.key:<28} {p.describe()}" for p in spec.search],
+        f"  scheduler     {s.type}" + (f" (grace {s.grace_period} epochs, reduction {s.reduction_factor:g}, "
+                                       f"max {spec.max_epochs} epochs)" if s.type == "asha" else ""),
+        f"  resources     {r.workers} workers x {r.cpus_per_worker:g} CPU"
+        + (f" + {r.gpus_per_worker:g} GPU" if r.use_gpu is not False else "")
+        + f" (use_gpu {r.use_gpu}), driver {r.driver_cpus:g} CPU",
+        f"  faults        worker restarts {f.worker_max_failures}, trial retries {f.trial_max_failures}, "
+        f"keep {f.checkpoints_kept} checkpoints",
+    ]
+    return "\n".join(lines)

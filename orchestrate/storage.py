@@ -1,0 +1,82 @@
+"""Where a sweep lives: a local path or any pyarrow filesystem URI (s3://, gs://, ...).
+
+The same `--storage` holds Ray's experiment state and checkpoints and the sweep's own
+files (sweep.json, trials.json, results.parquet, best_config.yaml). URIs may carry a
+query (`s3://bucket/sweeps?endpoint_override=http://127.0.0.1:9000`); `join` keeps it.
+"""
+from __future__ import annotations
+
+import posixpath
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pyarrow.fs
+
+
+def is_remote(uri: str) -> bool:
+    """True for a URI with a scheme other than file://."""
+    scheme = urlsplit(str(uri)).scheme
+    return len(scheme) > 1 and scheme != "file"  # one letter: a Windows drive
+
+
+def normalize(uri: str) -> str:
+    """A remote URI unchanged; a local path made absolute (Ray needs absolute local paths)."""
+    if is_remote(uri):
+        return str(uri).rstrip("/")
+    path = urlsplit(str(uri)).path if str(uri).startswith("file://") else str(uri)
+    return str(Path(path).expanduser().resolve())
+
+
+def join(uri: str, *parts: str) -> str:
+    """`uri`/`parts`, with any query string kept at the end."""
+    if not is_remote(uri):
+        return str(Path(uri, *parts))
+    split = urlsplit(uri)
+    return urlunsplit(split._replace(path=posixpath.join(split.path or "/", *parts)))
+
+
+def filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """(filesystem, path on it) for a local path or a URI."""
+    if not is_remote(uri):
+        return pyarrow.fs.LocalFileSystem(), str(uri)
+    return pyarrow.fs.FileSystem.from_uri(uri)
+
+
+def local_path(uri: str) -> Path | None:
+    """The local directory of `uri`, or None when it is remote."""
+    return None if is_remote(uri) else Path(uri)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as stream:
+        return stream.readall()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a file whole. Locally it goes to a temporary name first and is renamed into
+    place, so a killed driver never leaves it half written."""
+    fs, path = filesystem(uri)
+    if not is_remote(uri):
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(target)
+        return
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as stream:  # object stores replace an object atomically
+        stream.write(data)
+
+
+def display(uri: str, fs_path: str) -> str:
+    """A path on the storage filesystem (as Ray reports it) as a URI the user can reuse."""
+    if not is_remote(uri):
+        return fs_path
+    split = urlsplit(uri)
+    return f"{split.scheme}://{fs_path.lstrip('/')}"

@@ -1,0 +1,165 @@
+"""One Tune trial = one Ray Train `TorchTrainer` running psdet.engine on N workers.
+
+Ray 2.60 runs Train V2, where a trainer cannot be handed to `Tuner` directly: each trial
+is a function trainable (`run_trial`) that builds a `TorchTrainer` and calls `fit()`.
+`TuneReport` (in the trainer's callbacks) forwards rank 0's metrics and the checkpoint
+path to Tune.
+
+Layout of one trial, under the experiment directory `<storage>/<name>`:
+
+    trial_<id>/                 Tune's trial directory (result.json, progress.csv, Tune's events)
+      train/checkpoint_*/       the Train run's checkpoints (RunConfig(storage_path=trial dir, name="train"))
+      run-<time>-<id>/          one per run of the trial (a resumed driver starts another), local storage
+                                only: the engine's tensorboard/, train.log and staging checkpoints/
+
+The Train run's name and place are a pure function of the Tune trial id, so the same
+trial re-run by a resumed driver, or retried by Tune, finds its checkpoints and the
+engine continues from the newest one.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import ray.train
+from ray import tune
+from ray.train.torch import TorchTrainer
+
+from orchestrate import storage
+from orchestrate.ray_reporter import TOTAL_EPOCHS, RayReporter, TuneReport
+from orchestrate.results import FINISHED, read_ledger
+from orchestrate.space import SweepSpec, SyntheticData, trial_config
+from psdet.config import config_from_dict, to_dict
+
+TRAIN_RUN_NAME = "train"
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """Everything a trial needs besides its sampled parameters; the same on --resume."""
+
+    spec: SweepSpec
+    experiment_uri: str  # <storage>/<name>, local path or URI
+    data_root: str
+    synthetic: SyntheticData | None  # set when data_root is the synthetic cache: regenerate on other nodes
+    use_gpu: bool
+
+    def scaling_config(self) -> ray.train.ScalingConfig:
+        resources = self.spec.resources
+        per_worker = {"CPU": resources.cpus_per_worker}
+        if self.use_gpu:
+            per_worker["GPU"] = resources.gpus_per_worker
+        return ray.train.ScalingConfig(num_workers=resources.workers, use_gpu=self.use_gpu,
+                                       resources_per_worker=per_worker)
+
+
+def trial_dirname(trial) -> str:
+    """Tune's `trial_dirname_creator`: short and a function of the trial id alone."""
+    return f"trial_{trial.trial_id}"
+
+
+def trial_uri(setup: TrialSetup, trial_id: str) -> str:
+    return storage.join(setup.experiment_uri, f"trial_{trial_id}")
+
+
+def engine_out_dir(setup: TrialSetup, trial_id: str) -> str:
+    """The engine's working directory for this run of the trial (TensorBoard, train.log,
+    its staging copy of each checkpoint): `trial_<id>/run-<time>-<random>` when storage
+    is local, else local scratch.
+
+    A new one per run of the trial: when a resumed driver starts the trial again, workers
+    of the dead driver may still be alive for a moment, and two engines must never prune
+    each other's checkpoints. Ray's own copies (train/checkpoint_*) are the ones resumed from.
+    """
+    run = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    uri = trial_uri(setup, trial_id)
+    if storage.is_remote(uri):
+        return str(Path(tempfile.gettempdir(), "psdet-sweeps", setup.spec.name, f"trial_{trial_id}", run))
+    return str(Path(uri, run))
+
+
+def build_trainer(setup: TrialSetup, trial_id: str, train_loop_config: dict[str, Any],
+                  train_loop: Callable[[dict], None] | None = None) -> TorchTrainer:
+    """The TorchTrainer of trial `trial_id` (also used by benchmarks/sweep_overhead.py)."""
+    faults = setup.spec.fault_tolerance
+    run_config = ray.train.RunConfig(
+        name=TRAIN_RUN_NAME,
+        storage_path=trial_uri(setup, trial_id),
+        failure_config=ray.train.FailureConfig(max_failures=faults.worker_max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=faults.checkpoints_kept),
+        callbacks=[TuneReport()],
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+    )
+    return TorchTrainer(
+        train_loop or train_loop_per_worker,
+        train_loop_config=train_loop_config,
+        scaling_config=setup.scaling_config(),
+        run_config=run_config,
+    )
+
+
+def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
+    """Tune function trainable: resolve this trial's config, then train it on Ray Train."""
+    trial_id = tune.get_context().get_trial_id()
+    finished = finished_result(setup, trial_id)
+    if finished is not None:
+        tune.report(finished)
+        return
+    cfg = trial_config(setup.spec, params, setup.data_root)
+    # Ray keeps the trial's checkpoints (fault_tolerance.checkpoints_kept); the engine's own
+    # copy is only needed until Ray has taken it.
+    cfg.train.keep_checkpoints = 1
+    loop_config = {
+        "config": to_dict(cfg),
+        "out_dir": engine_out_dir(setup, trial_id),
+        "synthetic": setup.synthetic,
+    }
+    build_trainer(setup, trial_id, loop_config).fit()
+
+
+def finished_result(setup: TrialSetup, trial_id: str) -> dict[str, Any] | None:
+    """The final result of a trial that already finished, else None.
+
+    Ray saves its experiment state every few seconds, so a driver killed just after a
+    trial ended resumes it as unfinished. Such a trial is not trained again (an ASHA-stopped
+    one would carry on); Tune gets its final result once more instead. Finished means: the
+    sweep's ledger says completed or pruned, or its Train run reported all its epochs
+    before the driver heard of it.
+    """
+    record = read_ledger(setup.experiment_uri).get(trial_id)
+    if record is not None and record["status"] in FINISHED:
+        return {**record["final"], TOTAL_EPOCHS: record["total_epochs"]}
+    run = storage.join(trial_uri(setup, trial_id), TRAIN_RUN_NAME)
+    if not storage.exists(run):
+        return None
+    try:
+        result = ray.train.Result.from_path(run)
+    except RuntimeError:  # no checkpoint registered yet
+        return None
+    metrics = result.metrics or {}
+    if metrics.get("epoch", 0) < metrics.get(TOTAL_EPOCHS, float("inf")):
+        return None
+    return {**metrics, "checkpoint_path": result.checkpoint.path}
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Every Ray Train worker: make sure the data is on this node, then run psdet.engine."""
+    from psdet.engine import train
+
+    cfg = config_from_dict(loop_config["config"], source="trial config")
+    if loop_config["synthetic"] is not None and not Path(cfg.data.root).is_dir():
+        from orchestrate.data import ensure_synthetic
+
+        ensure_synthetic(loop_config["synthetic"], Path(cfg.data.root))
+    reporter = RayReporter(extra_metrics={TOTAL_EPOCHS: cfg.train.epochs})
+    train(cfg, Path(loop_config["out_dir"]), reporter)
+
+
+def trainable(setup: TrialSetup):
+    """The object handed to `Tuner` (and again to `Tuner.restore`)."""
+    return tune.with_resources(tune.with_parameters(run_trial, setup=setup),
+                               {"CPU": setup.spec.resources.driver_cpus})

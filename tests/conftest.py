@@ -1,0 +1,44 @@
+"""Shared test setup. Everything stays on loopback: this runs before any test imports Ray,
+so every Ray a test starts (and every subprocess it runs) uses 127.0.0.1 as its node
+address, and dashboards bind to 127.0.0.1."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray per test module (2 logical CPUs, dashboard on 127.0.0.1), always shut
+    down. Yields `address` (GCS host:port, for `--address` / `ray.init(address=...)`) and
+    `dashboard` (http URL). Subprocesses join it with `--address`."""
+    import ray
+
+    port = free_port()
+    dashboard = f"http://127.0.0.1:{port}"
+    context = ray.init(
+        address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+        dashboard_port=port, object_store_memory=256 * 1024**2, log_to_driver=False,
+        # The State API inside the cluster must find this instance even if other Ray
+        # instances run on the machine.
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": dashboard}},
+    )
+    try:
+        yield SimpleNamespace(address=context.address_info["gcs_address"], dashboard=dashboard)
+    finally:
+        ray.shutdown()

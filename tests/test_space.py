@@ -1,0 +1,250 @@
+"""Search spaces, the searcher and the sweep's CLI up to the point where Ray would start.
+
+Everything here runs without a Ray cluster: the shipped space files, the conditional
+define-by-run space, one-line errors for bad space files, `--dry-run`, and the
+searcher's bookkeeping with Optuna (PRUNED, intermediate values, restore).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+from conftest import REPO
+from orchestrate import storage
+from orchestrate.dryrun import sample_params, trials_that_fit
+from orchestrate.results import rows, to_table
+from orchestrate.space import DefineByRun, load_space, trial_config
+from orchestrate.tune import main
+
+SPACES = REPO / "search_spaces"
+BAD = Path(__file__).parent / "bad_spaces"
+
+# Each bad file -> the key its one-line error must name.
+BAD_SPACES = {
+    "unknown_section.yaml": "schedular",
+    "unknown_experiment_key.yaml": "experiment.num_sample",
+    "bad_type.yaml": "experiment.num_samples",
+    "bad_metric.yaml": "experiment.metric",
+    "unknown_config_key.yaml": "search.optim.lrr",
+    "bad_param_type.yaml": "search.optim.lr.type",
+    "loguniform_nonpositive.yaml": "search.optim.lr.low",
+    "low_above_high.yaml": "search.optim.lr.low",
+    "when_missing_param.yaml": "search.optim.momentum.when",
+    "when_impossible_value.yaml": "search.optim.momentum.when",
+    "choice_rejected_by_config.yaml": "search.optim.scheduler",
+    "bad_override.yaml": "experiment.overrides",
+    "bad_resources.yaml": "resources.workers",
+    "grace_too_long.yaml": "scheduler.grace_period",
+    "missing_search.yaml": "search",
+    "uniform_on_int_key.yaml": "search.train.epochs",
+    "bad_fault_tolerance.yaml": "fault_tolerance.checkpoints_kept",
+    "warmup_longer_than_run.yaml": "search.optim.warmup_epochs",
+    "shared_gpu.yaml": "resources.gpus_per_worker",
+}
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def test_every_bad_space_file_is_listed():
+    assert sorted(p.name for p in BAD.glob("*.yaml")) == sorted(BAD_SPACES)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_SPACES))
+def test_bad_space_exits_2_with_one_line_naming_file_and_key(name, capsys):
+    assert main(["--space", str(BAD / name)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert str(BAD / name) in lines[0] and BAD_SPACES[name] in lines[0]
+    assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_bad_space_as_a_script_exits_2():
+    result = subprocess.run([sys.executable, "orchestrate/tune.py", "--space", "tests/bad_spaces/bad_metric.yaml"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("tune.py: error: tests/bad_spaces/bad_metric.yaml: 'experiment.metric' "
+                                     "'slot_apx' is not a reported metric (did you mean 'slot_ap'?)")
+
+
+@pytest.mark.parametrize("name", ["lr", "optimizer", "scheduler", "warmup", "full", "smoke"])
+def test_shipped_spaces_load_and_every_sampled_config_is_valid(name):
+    spec = load_space(SPACES / f"{name}.yaml")
+    assert spec.name == name
+    for params in sample_params(spec, 12):
+        cfg = trial_config(spec, params, data_root="/data/ps2.0")
+        assert cfg.data.root == "/data/ps2.0"
+        for key, value in params.items():
+            section, field = key.split(".")
+            assert getattr(getattr(cfg, section), field) == value
+
+
+def test_conditional_parameters_appear_exactly_when_their_condition_holds():
+    spec = load_space(SPACES / "full.yaml")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    space = DefineByRun(spec.search)
+    seen = set()
+    for _ in range(300):
+        trial = study.ask()
+        space(trial)
+        params = trial.params
+        assert ("optim.momentum" in params) == (params["optim.optimizer"] == "sgd")
+        assert ("optim.nesterov" in params) == (params["optim.optimizer"] == "sgd")
+        assert ("optim.pct_start" in params) == (params["optim.scheduler"] == "onecycle")
+        assert ("optim.lr_decay" in params) == (params["optim.scheduler"] == "step")
+        assert ("optim.warmup_epochs" in params) == (params["optim.warmup"] != "none")
+        assert ("optim.warmup_start_factor" in params) == (params["optim.warmup"] != "none")
+        seen.update(params)
+    assert seen == {p.key for p in spec.search}  # every parameter is reachable
+
+
+def test_dry_run_prints_budget_resources_and_lr_preview(capsys, tmp_path):
+    from PIL import Image
+
+    plot = tmp_path / "lr.png"
+    assert main(["--space", str(SPACES / "warmup.yaml"), "--dry-run", "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "sweep 'warmup'" in out and "optim.warmup_epochs" in out and "when optim.warmup in" in out
+    assert "12 trials x up to 8 epochs = at most 96 trial-epochs" in out
+    assert "ASHA may stop a trial after epoch 2, 4" in out
+    assert "one trial: 1.1 CPU (0.1 driver + 2 workers x 0.5)" in out
+    assert "trial(s) fit at once" in out
+    assert out.count("     lr ") == 3  # three sampled LR curves as text
+    assert not (tmp_path / "runs").exists()
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and image.size[0] == 900
+
+
+def test_dry_run_previews_the_configs_the_sweep_samples_first():
+    from orchestrate.search import build_searcher
+
+    spec = load_space(SPACES / "full.yaml")
+    searcher = build_searcher(spec, optuna.storages.InMemoryStorage())
+    assert [searcher.suggest(f"t{i}") for i in range(4)] == sample_params(spec, 4)
+
+
+def test_trials_that_fit_packs_drivers_and_workers():
+    spec = load_space(SPACES / "lr.yaml")  # a trial: 0.1 CPU driver + 2 workers x 0.5 CPU (+ 1 GPU)
+    assert trials_that_fit(spec, False, [{"CPU": 2}]) == 1
+    assert trials_that_fit(spec, False, [{"CPU": 8}]) == 7
+    assert trials_that_fit(spec, False, [{"CPU": 1.0}]) == 0
+    assert trials_that_fit(spec, True, [{"CPU": 8, "GPU": 1}]) == 0
+    assert trials_that_fit(spec, True, [{"CPU": 8, "GPU": 4}]) == 2
+    assert trials_that_fit(spec, False, [{"CPU": 0.6}, {"CPU": 0.5}]) == 1  # workers spread over nodes
+
+
+def test_cli_argument_mistakes_exit_2(capsys, tmp_path):
+    smoke = str(SPACES / "smoke.yaml")
+    assert main(["--space", smoke, "--plot", "x.png"]) == 2
+    assert main(["--space", smoke, "--resume", "--storage", str(tmp_path)]) == 2
+    assert main(["--space", smoke, "--num-samples", "0"]) == 2
+    assert main(["--space", smoke, "--data", str(tmp_path), "--storage", str(tmp_path / "runs")]) == 2  # not ps2.0
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 4 and all(line.startswith("tune.py: error: ") for line in errors)
+    assert "no sweep to resume" in errors[1] and "ps_json_label" in errors[3]
+
+
+# ----------------------------------------------------------------------------- the searcher
+
+
+def _searcher(tmp_path: Path):
+    from orchestrate.search import build_searcher, optuna_storage
+
+    spec = load_space(SPACES / "smoke.yaml")
+    journal = str(tmp_path / "optuna.journal")
+    return build_searcher(spec, optuna_storage(journal)), journal
+
+
+def _result(epoch: int, value: float, total: int = 3) -> dict:
+    return {"epoch": epoch, "point_ap": value, "total_epochs": total, "training_iteration": epoch}
+
+
+def _study(journal: str):
+    backend = optuna.storages.journal.JournalFileBackend(journal)
+    return optuna.load_study(study_name="smoke", storage=optuna.storages.JournalStorage(backend))
+
+
+def test_searcher_records_stopped_trials_as_pruned_with_their_curve(tmp_path):
+    searcher, journal = _searcher(tmp_path)
+    for trial_id in ("full", "stopped", "broken"):
+        assert searcher.suggest(trial_id)
+    for epoch, value in ((1, 0.1), (2, 0.2), (3, 0.3)):
+        searcher.on_trial_result("full", _result(epoch, value))
+    searcher.on_trial_complete("full", _result(3, 0.3))
+    searcher.on_trial_result("stopped", _result(1, 0.05))
+    searcher.on_trial_complete("stopped", _result(2, 0.07))  # ASHA's stop: its last result is not re-sent
+    searcher.on_trial_complete("broken", error=True)
+
+    trials = {t.user_attrs["tune_trial_id"]: t for t in _study(journal).trials}
+    assert trials["full"].state.name == "COMPLETE" and trials["full"].value == 0.3
+    assert trials["full"].intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3}
+    assert trials["stopped"].state.name == "PRUNED"
+    assert trials["stopped"].intermediate_values == {1: 0.05, 2: 0.07}
+    assert trials["broken"].state.name == "FAIL"
+
+
+def test_searcher_restore_keeps_history_and_fails_orphans(tmp_path):
+    searcher, journal = _searcher(tmp_path)
+    searcher.suggest("done")
+    searcher.on_trial_complete("done", _result(3, 0.4))
+    searcher.suggest("midflight")
+    searcher.on_trial_result("midflight", _result(1, 0.1))
+    broken_params = searcher.suggest("broken")
+    searcher.on_trial_complete("broken", error=True)  # Tune resumes errored trials (resume_errored=True)
+    state = str(tmp_path / "searcher.pkl")
+    searcher.save(state)
+    searcher.suggest("orphan")  # asked for after the last save, then the driver died
+
+    restored, _ = _searcher(tmp_path)
+    restored.restore(state)
+    restored.on_trial_result("midflight", _result(1, 0.1))  # the same epoch again after the restart
+    restored.on_trial_result("midflight", _result(2, 0.2))
+    restored.on_trial_complete("midflight", _result(3, 0.3))
+    restored.on_trial_complete("done", _result(3, 0.9))  # finished before: Optuna's record stands
+    restored.on_trial_complete("broken", _result(3, 0.2))
+
+    study = _study(journal).trials
+    broken = [t for t in study if t.user_attrs["tune_trial_id"] == "broken"]
+    assert [t.state.name for t in broken] == ["FAIL", "COMPLETE"]  # the retry is a new Optuna trial
+    assert broken[1].params == broken[0].params == broken_params
+    assert broken[1].user_attrs["retry_of"] == broken[0].number
+    trials = {t.user_attrs["tune_trial_id"]: t for t in study if t.user_attrs["tune_trial_id"] != "broken"}
+    assert trials["done"].value == 0.4
+    assert trials["midflight"].state.name == "COMPLETE"
+    assert trials["midflight"].intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3}
+    assert trials["orphan"].state.name == "FAIL"
+    assert not [t for t in study if t.state.name == "RUNNING"]
+
+
+# ----------------------------------------------------------------------------- results and storage
+
+
+def test_results_rank_completed_first_and_keep_mixed_choices():
+    def record(trial_id, status, final, best, choice):
+        return {"trial_id": trial_id, "params": {"optim.lr": 0.01, "x.choice": choice}, "status": status,
+                "epochs": 3 if status == "completed" else 1, "total_epochs": 3, "final": {"slot_ap": final},
+                "best": {"slot_ap": best}, "checkpoint": None, "restarts": 0, "worker_restarts": 0,
+                "wall_time_s": 1.0, "error": None}
+
+    records = {r["trial_id"]: r for r in (
+        record("a", "pruned", 0.9, 0.9, 1), record("b", "completed", 0.2, 0.5, "two"),
+        record("c", "completed", 0.4, 0.4, 3.5), record("d", "errored", None, None, 1),
+        record("e", "abandoned", 0.99, 0.99, 1))}
+    table_rows = rows(records, "slot_ap", "max")
+    assert [row["trial_id"] for row in table_rows] == ["c", "b", "a", "d"]
+    table = to_table(table_rows)
+    assert table.column("x.choice").to_pylist() == ["3.5", "two", "1", "1"]
+
+
+def test_storage_join_keeps_uri_queries():
+    uri = "s3://bucket/sweeps?endpoint_override=http://127.0.0.1:9000&scheme=http"
+    assert storage.join(uri, "lr", "trials.json") == (
+        "s3://bucket/sweeps/lr/trials.json?endpoint_override=http://127.0.0.1:9000&scheme=http")
+    assert storage.is_remote(uri) and not storage.is_remote("runs") and not storage.is_remote("/tmp/x")
+    assert storage.join("/tmp/runs", "lr") == "/tmp/runs/lr"
+    assert storage.display(uri, "bucket/sweeps/lr/trial_1/train/checkpoint_0") == \
+        "s3://bucket/sweeps/lr/trial_1/train/checkpoint_0"

@@ -1,0 +1,263 @@
+"""The sweep end to end, through `python orchestrate/tune.py` joined to one local Ray per module.
+
+- smoke: search_spaces/smoke.yaml (3 trials x 2 workers, ASHA) writes a leaderboard,
+  results.parquet, best_config.yaml and an Optuna study that matches it;
+- worker kill: a Ray Train worker SIGKILLed mid-trial is restarted, the trial resumes
+  from its checkpoint and ends with the same metrics as an uninterrupted twin;
+- driver kill: tune.py SIGKILLed after its first trial finishes, then `--resume`,
+  finishes the sweep without rerunning, duplicating or losing a trial.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import REPO
+
+SMOKE = REPO / "search_spaces" / "smoke.yaml"
+TUNE = [sys.executable, str(REPO / "orchestrate" / "tune.py")]
+FINISHED = re.compile(r"^trial (\S+) (completed|pruned) after")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    """The synthetic dataset cache is per module: the first sweep makes it, later ones reuse it."""
+    return {**os.environ, "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache")), "PYTHONUNBUFFERED": "1"}
+
+
+def run_tune(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([*TUNE, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def tail(result: subprocess.CompletedProcess, lines: int = 40) -> str:
+    return "\n".join((result.stdout + result.stderr).splitlines()[-lines:])
+
+
+def space_file(path: Path, **changes) -> Path:
+    """smoke.yaml with some sections changed (each change replaces a whole section key)."""
+    space = yaml.safe_load(SMOKE.read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        if key == "ALL":
+            space[section] = value
+        else:
+            space[section][key] = value
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def ledger(experiment: Path) -> dict[str, dict]:
+    path = experiment / "trials.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def results(experiment: Path) -> list[dict]:
+    return pq.read_table(experiment / "results.parquet").to_pylist()
+
+
+def study_trials(experiment: Path, name: str):
+    import optuna
+
+    backend = optuna.storages.journal.JournalFileBackend(str(experiment / "optuna.journal"))
+    return optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(backend)).trials
+
+
+def params_of(row: dict) -> tuple:
+    return tuple(sorted((k, v) for k, v in row.items() if "." in k and v is not None))
+
+
+class Streamed:
+    """A subprocess whose stdout lines are read on a thread, so the test can wait for one with a deadline."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen([*TUNE, *map(str, args)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def wait_for(self, pattern: re.Pattern, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=1)
+            except queue.Empty:
+                if self.proc.poll() is not None and self.lines.empty():
+                    break
+                continue
+            self.seen.append(line)
+            match = pattern.search(line)
+            if match:
+                return match
+        self.kill()
+        raise AssertionError(f"no line matching {pattern.pattern!r}; last output:\n" + "\n".join(self.seen[-40:]))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()  # SIGKILL
+        self.proc.wait(timeout=30)
+
+
+@pytest.mark.timeout(300)
+def test_smoke_sweep(ray_cluster, env, tmp_path):
+    storage = tmp_path / "runs"
+    result = run_tune(["--space", SMOKE, "--address", ray_cluster.address, "--storage", storage], env, timeout=280)
+    assert result.returncode == 0, tail(result)
+    out = result.stdout
+    said = re.search(r"^no --data given: (synthesized|using the cached).* (\S+/train16-val8-seed0-\w+)", out, re.M)
+    assert said and (Path(said.group(2)) / "ps_json_label" / "training").is_dir(), out[:2000]
+
+    experiment = storage / "smoke"
+    rows = results(experiment)
+    assert len(rows) == 3
+    assert len({row["trial_id"] for row in rows}) == 3
+    assert {row["status"] for row in rows} <= {"completed", "pruned"}
+    assert any(row["status"] == "completed" for row in rows)
+    for row in rows:
+        assert row["total_epochs"] == 3 and 1 <= row["epochs"] <= 3
+        assert (row["epochs"] == 3) == (row["status"] == "completed")
+        assert row["final_point_ap"] is not None and row["best_point_ap"] >= row["final_point_ap"] - 1e-12
+        assert row["restarts"] == 0 and row["worker_restarts"] == 0 and row["wall_time_s"] > 0
+        (run,) = (experiment / f"trial_{row['trial_id']}").glob("run-*")  # one run per trial, not resumed
+        assert "rank 0 of 2" in (run / "train.log").read_text()  # two DDP workers
+        assert any((run / "tensorboard").glob("events.out.tfevents.*"))
+
+    board = out[out.index("leaderboard of 'smoke'"):]
+    for row in rows:
+        assert re.search(rf"^{row['rank']}\s+{row['trial_id']}\s+{row['status']}\s", board, re.M), board
+
+    best = rows[0]
+    assert best["status"] == "completed"
+    from psdet.config import load_config
+
+    cfg = load_config(experiment / "best_config.yaml")
+    assert cfg.optim.lr == pytest.approx(best["optim.lr"])
+    assert cfg.train.epochs == 3 and cfg.data.image_size == 128 and Path(cfg.data.root).is_dir()
+    checkpoint = Path((experiment / "best_checkpoint.txt").read_text().strip())
+    assert checkpoint == Path(best["checkpoint"]) and (checkpoint / "meta.json").is_file()
+    assert f"best checkpoint  {checkpoint}" in out
+
+    # ASHA's early stops are PRUNED in Optuna, with one intermediate value per epoch run.
+    by_trial = {t.user_attrs["tune_trial_id"]: t for t in study_trials(experiment, "smoke")}
+    assert set(by_trial) == {row["trial_id"] for row in rows}
+    for row in rows:
+        trial = by_trial[row["trial_id"]]
+        assert trial.state.name == {"completed": "COMPLETE", "pruned": "PRUNED"}[row["status"]]
+        assert sorted(trial.intermediate_values) == list(range(1, row["epochs"] + 1))
+        assert trial.value == pytest.approx(row["final_point_ap"])
+
+
+def rank0_worker_pid(trial_dir: Path, address: str) -> int:
+    """The Ray Train worker writing `trial_dir`'s train.log: rank 0 of that trial."""
+    from ray.util.state import list_actors
+
+    workers = list_actors(address=address, timeout=30,
+                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    for worker in workers:
+        fd_dir = Path(f"/proc/{worker.pid}/fd")
+        for fd in fd_dir.iterdir() if fd_dir.is_dir() else ():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith(str(trial_dir)) and target.endswith("train.log"):
+                return worker.pid
+    raise AssertionError(f"no live Ray Train worker writes {trial_dir}/run-*/train.log among {workers}")
+
+
+@pytest.mark.timeout(360)
+def test_worker_killed_mid_trial_resumes_exactly(ray_cluster, env, tmp_path):
+    # Twin trials of one config, side by side; rank 0 of the first to finish an epoch is killed.
+    space = space_file(
+        tmp_path / "twins.yaml",
+        experiment__name="twins", experiment__num_samples=2, experiment__max_concurrent=2,
+        experiment__overrides={**yaml.safe_load(SMOKE.read_text())["experiment"]["overrides"], "train.epochs": 4},
+        search__ALL={"optim.lr": {"type": "choice", "values": [0.003]}},
+        scheduler__ALL={"type": "none"},
+        fault_tolerance__ALL={"worker_max_failures": 2, "trial_max_failures": 0, "checkpoints_kept": 2},
+    )
+    storage = tmp_path / "runs"
+    experiment = storage / "twins"
+    sweep = Streamed(["--space", space, "--address", ray_cluster.address, "--storage", storage], env)
+    try:
+        killed_id = sweep.wait_for(re.compile(r"^trial (\S+) epoch 1/4"), timeout=200).group(1)
+        os.kill(rank0_worker_pid(experiment / f"trial_{killed_id}", ray_cluster.address), signal.SIGKILL)
+        sweep.wait_for(re.compile(r"^results "), timeout=300)
+        assert sweep.proc.wait(timeout=60) == 0, "\n".join(sweep.seen[-40:])
+    finally:
+        sweep.kill()
+
+    rows = {row["trial_id"]: row for row in results(experiment)}
+    assert len(rows) == 2 and killed_id in rows
+    killed, clean = rows.pop(killed_id), next(iter(rows.values()))
+    assert killed["status"] == clean["status"] == "completed"
+    assert (killed["restarts"], killed["worker_restarts"]) == (1, 1)
+    assert (clean["restarts"], clean["worker_restarts"]) == (0, 0)
+    same = [key for key in killed if key.startswith("final_") and key not in ("final_images_per_s", "final_restarts")]
+    assert len(same) >= 10
+    assert {key: killed[key] for key in same} == {key: clean[key] for key in same}  # bit for bit
+
+
+@pytest.mark.timeout(420)
+def test_driver_killed_then_resumed_finishes_the_sweep(ray_cluster, env, tmp_path):
+    space = space_file(tmp_path / "resumable.yaml", experiment__name="resumable", experiment__num_samples=3)
+    storage = tmp_path / "runs"
+    experiment = storage / "resumable"
+    args = ["--space", space, "--address", ray_cluster.address, "--storage", storage]
+
+    driver = Streamed(args, env)
+    try:
+        driver.wait_for(FINISHED, timeout=240)
+    finally:
+        driver.kill()
+    before = ledger(experiment)
+    finished_before = {tid: r for tid, r in before.items() if r["status"] in ("completed", "pruned")}
+    midflight = {tid for tid, r in before.items() if r["status"] == "running" and r["epochs"] >= 1}
+    assert finished_before
+
+    rerun = run_tune(args, env, timeout=30)  # the same command without --resume refuses to overwrite
+    assert rerun.returncode == 2 and "--resume" in rerun.stderr
+
+    resumed = run_tune([*args, "--resume"], env, timeout=300)
+    assert resumed.returncode == 0, tail(resumed)
+    assert "resuming sweep 'resumable'" in resumed.stdout
+
+    rows = results(experiment)
+    assert len(rows) == 3
+    assert len({row["trial_id"] for row in rows}) == 3
+    assert len({params_of(row) for row in rows}) == 3
+    assert {row["status"] for row in rows} <= {"completed", "pruned"}
+    by_id = {row["trial_id"]: row for row in rows}
+    for trial_id, record in finished_before.items():  # not trained again, results kept
+        row = by_id[trial_id]
+        assert row["status"] == record["status"] and row["epochs"] == record["epochs"]
+        assert {k: row[f"final_{k}"] for k in record["final"]} == record["final"]
+        assert len(list((experiment / f"trial_{trial_id}").glob("run-*"))) == 1
+    for trial_id in midflight:  # either it had finished unheard, or it continued from its checkpoint
+        runs = sorted((experiment / f"trial_{trial_id}").glob("run-*"))
+        assert len(runs) == 1 or "resumed from" in (runs[-1] / "train.log").read_text()
+
+    study = study_trials(experiment, "resumable")
+    tracked = {t.user_attrs.get("tune_trial_id"): t for t in study if t.state.name in ("COMPLETE", "PRUNED")}
+    assert set(tracked) == set(by_id)
+    assert not [t for t in study if t.state.name == "RUNNING"]
+    for trial_id, row in by_id.items():
+        assert tracked[trial_id].state.name == {"completed": "COMPLETE", "pruned": "PRUNED"}[row["status"]]
+        assert tracked[trial_id].params == {k: v for k, v in params_of(row)}
