@@ -214,7 +214,11 @@ def _train(cfg: Config, out_dir: Path, reporter: Reporter, ctx: distributed.Dist
 
     module = build_model(cfg.model, cfg.data.max_points)
     if cfg.train.sync_bn and ctx.distributed:
-        module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        if ctx.device.type == "cuda":
+            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        else:
+            log.warning("train.sync_bn ignored: SyncBatchNorm needs CUDA; BatchNorm stays per-process on %s",
+                        ctx.device)
     module.to(ctx.device)
     if cfg.train.channels_last and ctx.device.type == "cuda":
         module.to(memory_format=torch.channels_last)
@@ -224,8 +228,10 @@ def _train(cfg: Config, out_dir: Path, reporter: Reporter, ctx: distributed.Dist
     position = ckpt.Position(epoch=0, step=0, batch=0)
     restarts = 0
     resume_from = reporter.latest_checkpoint()
+    finished_metrics: dict[str, float] | None = None
     if resume_from is not None:
-        state, _ = ckpt.load_checkpoint(resume_from)
+        state, meta = ckpt.load_checkpoint(resume_from)
+        finished_metrics = meta["metrics"]
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -234,6 +240,14 @@ def _train(cfg: Config, out_dir: Path, reporter: Reporter, ctx: distributed.Dist
         ckpt.restore_rng_state(state["rng"])
         log.info("resumed from %s: epoch %d, step %d, batch %d (restart %d)",
                  resume_from, position.epoch + 1, position.step, position.batch, restarts)
+
+    if finished_metrics is not None and position.epoch >= cfg.train.epochs:
+        # Restored after its last epoch (e.g. the driver died right after it): nothing to
+        # train, but the listener still gets the run's final metrics once more.
+        log.info("the run had already finished; reporting its final metrics again")
+        final = {**finished_metrics, "restarts": restarts}
+        reporter.report(final, None)
+        return final
 
     model = module
     if ctx.distributed:

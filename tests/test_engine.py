@@ -6,9 +6,11 @@ ends with the same weights as one that was never interrupted.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -127,8 +129,12 @@ def test_corrupt_newest_checkpoint_falls_back_with_warning(synth_data, tmp_path,
 
     with pytest.raises(ckpt.CheckpointError, match="truncated"):
         ckpt.read_meta(newest)
-    with caplog.at_level("WARNING", logger="psdet"):
+    psdet_log = logging.getLogger("psdet")  # psdet's logger does not propagate to the root
+    psdet_log.addHandler(caplog.handler)
+    try:
         assert ckpt.latest_valid(run / "checkpoints") == first
+    finally:
+        psdet_log.removeHandler(caplog.handler)
     assert any("corrupt" in r.message and first.name in r.message for r in caplog.records)
 
     # Resuming continues from the previous checkpoint and finishes the run.
@@ -171,15 +177,19 @@ def test_non_finite_loss_names_step_and_terms(synth_data, tmp_path):
 def test_torchrun_two_processes_on_gloo(synth_data, tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", "0", "-m", "psdet", "train", "-c", "ps_gat_tiny", "--data", str(synth_data),
+         "--master_port", port, "-m", "psdet", "train", "-c", "ps_gat_tiny", "--data", str(synth_data),
          "--out", str(out), *[f"-o={o}" for o in FAST], "-o", "train.epochs=1", "-o", "train.sync_bn=true"],
         capture_output=True, text=True, timeout=300, cwd=REPO, env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     log_text = (out / "train.log").read_text()
     assert "rank 0 of 2" in log_text and "batch size 4 per worker, 8 in total" in log_text
+    assert "SyncBatchNorm needs CUDA" in log_text
     (only,) = ckpt.list_checkpoints(out / "checkpoints")
     state, _ = ckpt.load_checkpoint(only)
     # 48 images / 2 ranks / 4 per batch = 6 steps per epoch on each rank.
