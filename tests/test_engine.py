@@ -194,3 +194,14 @@ def test_torchrun_two_processes_on_gloo(synth_data, tmp_path):
     state, _ = ckpt.load_checkpoint(only)
     # 48 images / 2 ranks / 4 per batch = 6 steps per epoch on each rank.
     assert state["step"] == 6
+
+
+def test_resuming_a_finished_run_reports_its_final_metrics_again(synth_data, tmp_path):
+    cfg = _cfg(synth_data, "train.epochs=1")
+    run = tmp_path / "run"
+    first = train(cfg, run)
+    again = train(cfg, run, LocalReporter(run, resume=True))
+    assert again["restarts"] == 1 and again["epoch"] == 1
+    assert {k: v for k, v in again.items() if k != "restarts"} == {k: v for k, v in first.items() if k != "restarts"}
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and len(ckpt.list_checkpoints(run / "checkpoints")) == 1
