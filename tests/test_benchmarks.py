@@ -1,0 +1,58 @@
+"""Each benchmark runs once at its smallest size and ends with its `NAME: key=value ...` line.
+
+Smoke tests: they show that every benchmark still runs against the current code and
+prints what the README's figures are read from. No timing is asserted.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAST_LINE = re.compile(r"^(?P<name>\w+): (?P<pairs>\w+=\S+(?: \w+=\S+)*)$")
+
+
+def _last_line_values(stdout: str, name: str) -> dict[str, float]:
+    lines = stdout.strip().splitlines()
+    assert lines, "the benchmark printed nothing"
+    match = LAST_LINE.match(lines[-1])
+    assert match and match["name"] == name, f"last line is not '{name}: key=value ...': {lines[-1]!r}"
+    return {key: float(value) for key, value in (pair.split("=", 1) for pair in match["pairs"].split())}
+
+
+def _run(command: list[str], timeout: float, env: dict[str, str] | None = None) -> str:
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                               env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **(env or {})})
+    assert completed.returncode == 0, f"{' '.join(command)} exited {completed.returncode}:\n" \
+                                      f"{completed.stdout[-2000:]}\n{completed.stderr[-3000:]}"
+    return completed.stdout
+
+
+@pytest.mark.parametrize("name, extra_args, keys, timeout", [
+    ("postprocess", [], ["ratio", "untrained_ratio", "trained_ratio"], 300),
+    ("train_step", [], ["ratio", "tiny_ratio", "rss_ratio", "targets_losses_ratio"], 300),
+    ("sweep_overhead", [], ["ratio", "report_ckpt_s", "report_pct_of_epoch", "rss_growth_pct"], 900),
+    ("recovery", [], ["recovery_s", "lost_steps"], 600),
+])
+def test_benchmark_prints_its_last_line(name, extra_args, keys, timeout):
+    stdout = _run([sys.executable, f"benchmarks/{name}.py", "--small", *extra_args], timeout)
+    values = _last_line_values(stdout, name)
+    assert set(keys) <= set(values), f"missing {set(keys) - set(values)} in {values}"
+    assert all(math.isfinite(values[key]) and values[key] >= 0 for key in keys), values
+
+
+def test_gpu_script_runs_end_to_end_on_cpu(tmp_path):
+    stdout = _run(["bash", "benchmarks/gpu_step.sh"], timeout=600, env={
+        "OUT": str(tmp_path), "PYTHON": sys.executable,
+        "TRAIN_STEP_ARGS": "--small --amp-device cpu", "POSTPROCESS_ARGS": "--small",
+    })
+    assert "last lines:" in stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu.txt", "postprocess.txt", "train_step.txt"]
+    _last_line_values((tmp_path / "train_step.txt").read_text(), "train_step")
+    _last_line_values((tmp_path / "postprocess.txt").read_text(), "postprocess")
