@@ -4,6 +4,12 @@ A benchmark compares variants measured side by side in one run: `interleaved` ru
 variant once per round, rotating the order every round so that a load change on a shared
 machine hits all of them alike, and the table shows medians. The last printed line is
 `NAME: key=value ...` (`summary_line`); tests/test_benchmarks.py parses it.
+
+For the Ray benchmarks: a fresh local Ray on loopback (`local_ray`), a deadline on any
+blocking fit (`deadline`), wall-clock stamps that Ray workers leave for the driver
+(`write_stamp`), and a Tune trial built as orchestrate/trial.py builds one, with the
+training loop the benchmark chooses (`ours_trial`, `run_tuner`). Ray and orchestrate are
+imported only inside those, so train_step.py runs where Ray is not installed.
 """
 from __future__ import annotations
 

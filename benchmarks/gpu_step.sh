@@ -6,8 +6,9 @@
 #   bash benchmarks/gpu_step.sh        # from anywhere; output to $OUT, else benchmarks/results/
 #
 # Needs python3 with a CUDA torch, numpy and pyyaml: no Ray, no tensorboardX, no install
-# (the repository root goes on PYTHONPATH). About 2-3 minutes on one H100; each part is
-# capped so the whole run ends within about 5. PYTHON=... picks another interpreter;
+# (the repository root goes on PYTHONPATH). Expected to take 1-3 minutes on one H100 (not
+# yet run there: no GPU was lent to the task that wrote it); each part is capped so the
+# whole run ends within about 5. PYTHON=... picks another interpreter;
 # TRAIN_STEP_ARGS and POSTPROCESS_ARGS add arguments (tests/test_benchmarks.py runs this
 # script on the CPU with "--small --amp-device cpu" and "--small", to check it end to end).
 set -euo pipefail

@@ -1,6 +1,6 @@
 """Recovery: SIGKILL one Ray Train worker mid-epoch; how long until training resumes, what is lost.
 
-    python benchmarks/recovery.py [--small] [--ckpt-every-steps N]
+    python benchmarks/recovery.py [--small] [--ckpt-every-steps N] [--resume-newest] [--bare-step-s S]
 
 Ours: one Tune trial built as the sweep builds it (orchestrate.trial.build_trainer: its
 failure and checkpoint config) runs psdet.engine on ps_gat_tiny at 128x128 on synthetic
@@ -20,7 +20,10 @@ SIGKILL to one worker (rank 1, then rank 0). Ray Train restarts the worker group
 checkpoint Ray registered last. Per kill:
 - recovery: the kill to the first step a restarted worker completes, split into the kill
   to the new workers entering the loop (Ray), to the checkpoint loaded, to the step;
-- lost: steps completed before the kill minus the restored checkpoint's step.
+- lost: steps completed before the kill minus the restored checkpoint's step; beside it,
+  how long before the kill the last report returned and whether Ray had registered any
+  checkpoint (Train V2 registers a report when its controller next polls the workers,
+  every 2 s: a report made just before a crash can be lost).
 The checkpoint interval is the engine's: every epoch (ps_gat_tiny's `ckpt_interval` 1),
 or `--ckpt-every-steps N` for the engine's mid-epoch checkpoints too. `--resume-newest`
 tries the fix proposed in the README: resume from the newer of Ray's checkpoint and the
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import signal
@@ -88,6 +92,13 @@ def instrumented_engine_loop(loop_config: dict) -> None:
                     path=str(path))
         return state, meta
 
+    reports_file = open(stamps / f"reports-{pid}.txt", "a", buffering=1)
+    report = RayReporter.report
+
+    def stamped_report(self, metrics, checkpoint):
+        report(self, metrics, checkpoint)
+        reports_file.write(f"{time.time():.6f} {int(metrics['step'])}\n")
+
     latest_checkpoint = RayReporter.latest_checkpoint
 
     def stamped_latest(self):
@@ -108,6 +119,7 @@ def instrumented_engine_loop(loop_config: dict) -> None:
     register_optimizer_step_post_hook(after_step)
     ckpt.load_checkpoint = stamped_load  # the engine calls it through the module
     RayReporter.latest_checkpoint = stamped_latest
+    RayReporter.report = stamped_report
     trial.train_loop_per_worker(loop_config)
 
 
@@ -126,6 +138,7 @@ def bare_loop(loop_config: dict) -> None:
     rank, pid = ray.train.get_context().get_world_rank(), os.getpid()
     write_stamp(stamps, f"start-{pid}", pid=pid, rank=rank, time=entered)
     steps_file = open(stamps / f"steps-{pid}-rank{rank}.txt", "a", buffering=1)
+    reports_file = open(stamps / f"reports-{pid}.txt", "a", buffering=1)
     step = 0
     checkpoint = ray.train.get_checkpoint()
     write_stamp(stamps, f"resume-{pid}", pid=pid, rank=rank, time=time.time(),
@@ -146,20 +159,19 @@ def bare_loop(loop_config: dict) -> None:
                     Path(directory, "step.txt").write_text(str(step))
                     saved = ray.train.Checkpoint.from_directory(directory)
                 ray.train.report({"step": step}, checkpoint=saved)
+            reports_file.write(f"{time.time():.6f} {step}\n")
 
 
 # ----------------------------------------------------------------------------- the driver's view of the stamps
 
 
 class Stamps:
-    """Reads what the workers wrote: per process its rank, its steps, its restore."""
+    """Reads what the workers wrote: per process its rank, steps, reports, resume and restore."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
     def processes(self) -> dict[int, dict]:
-        import json
-
         found = {}
         for path in self.directory.glob("start-*.json"):
             record = json.loads(path.read_text())
@@ -178,10 +190,18 @@ class Stamps:
                 rows.append((float(parts[0]), int(parts[1])))
         return rows
 
+    def last_report_before(self, moment: float) -> float | None:
+        """When the last `report` any worker returned from before `moment` did so."""
+        ends = []
+        for path in self.directory.glob("reports-*.txt"):
+            for line in path.read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 2 and float(parts[0]) < moment:
+                    ends.append(float(parts[0]))
+        return max(ends, default=None)
+
     def stamp(self, kind: str, pid: int) -> dict | None:
         """The `restore` or `resume` stamp of process `pid`, if it wrote one."""
-        import json
-
         path = self.directory / f"{kind}-{pid}.json"
         return json.loads(path.read_text()) if path.exists() else None
 
@@ -242,6 +262,7 @@ def kill_and_measure(stamps: Stamps, kills: int, steps_per_epoch: int, results: 
             results.append({
                 "kill": index + 1, "victim_rank": victim_rank, "kill_at": kill_at, "done_before": done_before,
                 "offered": "yes" if offered and offered[0] else "none",
+                "since_report": killed_at - (stamps.last_report_before(killed_at) or float("nan")),
                 "restored_step": restored_step, "first_step": first_step,
                 "to_start": min(starts) - killed_at,
                 "to_restored": min(r["time"] for r in restores) - killed_at if restores else float("nan"),
@@ -278,6 +299,8 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="CI smoke test: one kill of ours only, fewer images")
     parser.add_argument("--ckpt-every-steps", type=int, default=0,
                         help="engine mid-epoch checkpoints every N steps (default 0: every epoch only)")
+    parser.add_argument("--bare-step-s", type=float, default=BARE_STEP_S,
+                        help=f"the bare loop's step, seconds (default {BARE_STEP_S})")
     parser.add_argument("--resume-newest", action="store_true",
                         help="try the proposed fix: resume from the newer of Ray's checkpoint and the engine's own")
     args = parser.parse_args()
@@ -318,10 +341,10 @@ def main() -> None:
         storage = str(Path(tmp, "storage"))
         rows = []
         if not args.small:
-            print(f"bare: the same workers, {BARE_STEP_S} s sleep + all_reduce per step, a checkpoint per "
+            print(f"bare: the same workers, {args.bare_step_s} s sleep + all_reduce per step, a checkpoint per "
                   f"{steps_per_epoch} steps", flush=True)
             bare_config = {"stamp_dir": str(Path(tmp, "bare")), "total_steps": steps_per_epoch * epochs,
-                           "steps_per_epoch": steps_per_epoch, "step_s": BARE_STEP_S}
+                           "steps_per_epoch": steps_per_epoch, "step_s": args.bare_step_s}
             trainer = TorchTrainer(
                 bare_loop, train_loop_config=bare_config,
                 scaling_config=ray.train.ScalingConfig(num_workers=resources.workers,
@@ -340,14 +363,15 @@ def main() -> None:
     print()
 
     table = Table(Column("variant", "<7"), Column("kill", "4d"), Column("rank", "4d"), Column("at step", "7d"),
-                  Column("steps done", "10d"), Column("Ray had one", "<10"), Column("restored step", "13d"),
+                  Column("steps done", "10d"), Column("s after report", "14.1f"), Column("Ray had one", "<10"),
+                  Column("restored step", "13d"),
                   Column("lost", "4d"),
                   Column("to new workers s", "16.1f"), Column("to restored s", "13.1f"),
                   Column("to first step s", "16.1f"))
     table.print_header()
     for row in rows:
         table.print_row(row["variant"], row["kill"], row["victim_rank"], row["kill_at"], row["done_before"],
-                        row["offered"], row["restored_step"], row["done_before"] - row["restored_step"], row["to_start"],
+                        row["since_report"], row["offered"], row["restored_step"], row["done_before"] - row["restored_step"], row["to_start"],
                         row["to_restored"], row["recovery"])
     ours = [row for row in rows if row["variant"] == "ours"]
     recovery_s = median([row["recovery"] for row in ours])
