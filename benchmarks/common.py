@@ -260,14 +260,14 @@ def trial_setup(space: Path, experiment_uri: str, data_root: str = ""):
 def ours_trial(params: dict, setup, loop: Callable[[dict], None], loop_config: dict) -> None:
     """orchestrate.trial.run_trial with the training loop chosen by the benchmark: the trial's
     TorchTrainer from `orchestrate.trial.build_trainer`. `{trial_id}` in loop_config["label"]
-    is filled in; loop_config["out_dir"] is set to the trial's engine directory."""
+    is filled in; loop_config["out_dir"] and ["resume_from_engine"] are set as for a trial."""
     from ray import tune
 
     from orchestrate import trial
 
     trial_id = tune.get_context().get_trial_id()
     config = dict(loop_config, label=loop_config["label"].format(trial_id=trial_id),
-                  out_dir=trial.engine_out_dir(setup, trial_id))
+                  **trial.engine_dirs(setup, trial_id))
     trial.build_trainer(setup, trial_id, config, train_loop=loop).fit()
 
 

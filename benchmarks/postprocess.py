@@ -1,6 +1,6 @@
 """Post-processing speed: psdet.postprocess (vectorised) against the originals' loops.
 
-    python benchmarks/postprocess.py [--small] [--device cpu|cuda]
+    python benchmarks/postprocess.py [--small] [--device cpu|cuda] [--repeats N]
 
 Point maps shaped like a Darknet GAT's (3 channels after sigmoid) at 256x256 (8x8 cells)
 and 512x512 (16x16), batch 16, in two cases:
@@ -182,12 +182,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="few, short repeats: a smoke test that takes seconds")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the maps and ours run (default cpu)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 21; 3 with --small)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("postprocess: --device cuda, but torch sees no CUDA device")
     device = torch.device(args.device)
     torch.set_num_threads(1)
     repeats, max_calls = (3, 5) if args.small else (21, 1000)
+    repeats = args.repeats or repeats
     cfg = ModelConfig()  # the original inference settings: 0.008, 0.05 border, 1/16 NMS, 64 candidates, 0.5 edges
     edge_source = tiny_gat_edges(device)
     edge_name = "tiny psdet GAT edge predictor" if edge_source else "uniform random"

@@ -1,6 +1,6 @@
 """Recovery: SIGKILL one Ray Train worker mid-epoch; how long until training resumes, what is lost.
 
-    python benchmarks/recovery.py [--small] [--ckpt-every-steps N] [--resume-newest] [--bare-step-s S]
+    python benchmarks/recovery.py [--small] [--ckpt-every-steps N] [--ray-only] [--bare-step-s S]
 
 Ours: one Tune trial built as the sweep builds it (orchestrate.trial.build_trainer: its
 failure and checkpoint config) runs psdet.engine on ps_gat_tiny at 128x128 on synthetic
@@ -9,7 +9,8 @@ orchestrate.trial.train_loop_per_worker, instrumented from outside the engine:
 - a global optimizer step hook appends (time, global step) to a per-process file after
   every step (the global step is Adam's own `step`, which a restore brings back);
 - `psdet.checkpoint.load_checkpoint` is wrapped to stamp when a restore loaded and which
-  step it restored, `RayReporter.latest_checkpoint` to stamp what Ray offered to resume from;
+  step it restored, `RayReporter.latest_checkpoint` to stamp whether Ray had registered a
+  checkpoint to offer;
 - each worker process stamps its start (pid, rank) when the training loop is entered.
 Bare (first, full size only): a bare `TorchTrainer` with the same workers and failure
 config whose loop holds no psdet (a sleep and an all_reduce per step, a one-file
@@ -17,7 +18,8 @@ checkpoint per epoch): Ray's own floor, measured in the same run.
 The driver watches the stamp files and, three quarters into epochs 2, 4, ..., sends
 SIGKILL to one worker (rank 1, then rank 0). Ray Train restarts the worker group
 (`FailureConfig(max_failures)` of search_spaces/lr.yaml) and the loop resumes from the
-checkpoint Ray registered last. Per kill:
+newer of the checkpoint Ray registered last and the engine's own newest one
+(orchestrate/ray_reporter.py). Per kill:
 - recovery: the kill to the first step a restarted worker completes, split into the kill
   to the new workers entering the loop (Ray), to the checkpoint loaded, to the step;
 - lost: steps completed before the kill minus the restored checkpoint's step; beside it,
@@ -25,9 +27,9 @@ checkpoint Ray registered last. Per kill:
   checkpoint (Train V2 registers a report when its controller next polls the workers,
   every 2 s: a report made just before a crash can be lost).
 The checkpoint interval is the engine's: every epoch (ps_gat_tiny's `ckpt_interval` 1),
-or `--ckpt-every-steps N` for the engine's mid-epoch checkpoints too. `--resume-newest`
-tries the fix proposed in the README: resume from the newer of Ray's checkpoint and the
-engine's own newest valid one.
+or `--ckpt-every-steps N` for the engine's mid-epoch checkpoints too. `--ray-only`
+resumes from Ray's registered checkpoint alone (as RayReporter did before it also looked
+at the engine's): the comparison that shows what the engine's own checkpoints save.
 Last line: `recovery: recovery_s=... lost_steps=... ckpt_interval_steps=...` for ours
 (median recovery, most steps lost over the kills). `--small`: one kill of ours, fewer images.
 """
@@ -68,7 +70,6 @@ def instrumented_engine_loop(loop_config: dict) -> None:
     """orchestrate.trial.train_loop_per_worker, with step, restore and start stamps."""
     entered = time.time()  # before the imports: they are part of the loop's restart cost
     import ray.train
-    import ray.train.collective
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from orchestrate import trial
@@ -102,19 +103,11 @@ def instrumented_engine_loop(loop_config: dict) -> None:
     latest_checkpoint = RayReporter.latest_checkpoint
 
     def stamped_latest(self):
-        path = latest_checkpoint(self)
-        write_stamp(stamps, f"resume-{pid}", pid=pid, rank=rank, time=time.time(), path=str(path) if path else None)
-        if loop_config["resume_newest"]:
-            path = newest_of(path, ckpt.latest_valid(Path(loop_config["out_dir"]) / "checkpoints"))
-        return path
-
-    def newest_of(from_ray, from_engine):
-        """The proposed RayReporter.latest_checkpoint: the newer (by step) of Ray's checkpoint
-        and the engine's own newest valid one, rank 0's choice on every rank."""
-        found = [p for p in (from_ray, from_engine) if p is not None]
-        chosen = max(found, key=lambda p: ckpt.read_meta(p)["step"]) if found else None
-        chosen = ray.train.collective.broadcast_from_rank_zero(str(chosen) if chosen else None)
-        return Path(chosen) if chosen else None
+        if loop_config["ray_only"]:
+            self.engine_checkpoints = None
+        write_stamp(stamps, f"resume-{pid}", pid=pid, rank=rank, time=time.time(),
+                    path=ray.train.get_checkpoint().path if ray.train.get_checkpoint() else None)
+        return latest_checkpoint(self)
 
     register_optimizer_step_post_hook(after_step)
     ckpt.load_checkpoint = stamped_load  # the engine calls it through the module
@@ -301,8 +294,8 @@ def main() -> None:
                         help="engine mid-epoch checkpoints every N steps (default 0: every epoch only)")
     parser.add_argument("--bare-step-s", type=float, default=BARE_STEP_S,
                         help=f"the bare loop's step, seconds (default {BARE_STEP_S})")
-    parser.add_argument("--resume-newest", action="store_true",
-                        help="try the proposed fix: resume from the newer of Ray's checkpoint and the engine's own")
+    parser.add_argument("--ray-only", action="store_true",
+                        help="resume from Ray's registered checkpoint alone, not the engine's newer one")
     args = parser.parse_args()
 
     import ray
@@ -336,8 +329,9 @@ def main() -> None:
               f"{resources.cpus_per_worker} CPU, {synthetic.train} images = {steps_per_epoch} steps/epoch, "
               f"checkpoint every {interval} steps, {epochs} epochs; {kills} kill(s) per trial, "
               f"FailureConfig(max_failures={spec.fault_tolerance.worker_max_failures}), resuming from "
-              + ("the newer of Ray's and the engine's newest checkpoint (--resume-newest)" if args.resume_newest
-                 else "Ray's latest checkpoint (orchestrate/ray_reporter.py)"), flush=True)
+              + ("Ray's latest checkpoint alone (--ray-only)" if args.ray_only
+                 else "the newer of Ray's and the engine's newest checkpoint (orchestrate/ray_reporter.py)"),
+              flush=True)
         storage = str(Path(tmp, "storage"))
         rows = []
         if not args.small:
@@ -356,7 +350,7 @@ def main() -> None:
             rows += measure("bare", trainer.fit, Path(bare_config["stamp_dir"]), kills, steps_per_epoch, timeout_s)
         setup = trial_setup(SPACE, str(Path(storage, "ours")), str(data_root))
         loop_config = {"config": to_dict(cfg), "synthetic": None, "stamp_dir": str(Path(tmp, "ours")), "label": "ours",
-                       "resume_newest": args.resume_newest}
+                       "ray_only": args.ray_only}
         function = tune.with_parameters(ours_trial, setup=setup, loop=instrumented_engine_loop, loop_config=loop_config)
         rows += measure("ours", lambda: run_tuner(function, storage, "ours", resources.driver_cpus, timeout_s),
                         Path(loop_config["stamp_dir"]), kills, steps_per_epoch, timeout_s)

@@ -4,8 +4,16 @@ controller-side callback that forwards them to Tune.
 Worker side (`RayReporter`): every rank calls `report` once per evaluation, as the engine
 contract says; `ray.train.report` is a barrier across ranks, and only rank 0 hands over a
 checkpoint directory, which Ray copies into the run's storage. Where to resume from is
-whatever Ray Train registered last (`ray.train.get_checkpoint()`), so a restarted worker
-group and a trial re-run by a resumed driver both continue from the newest checkpoint.
+the newer (by global step) of two candidates, chosen on rank 0 and broadcast to all ranks:
+- what Ray Train registered last (`ray.train.get_checkpoint()`): what a trial re-run by a
+  resumed driver continues from;
+- the engine's own newest valid checkpoint in its run directory, when that directory is
+  on the experiment's shared storage (not for remote storage, where it is node-local
+  scratch). After a worker dies, the restarted group finds there the checkpoint of a
+  report Ray had not registered yet (Train V2 registers reports when its controller next
+  polls the workers, every 2 s) and the engine's mid-epoch checkpoints
+  (`train.ckpt_every_steps`), which are never reported. So the work lost to a worker
+  failure is at most one checkpoint interval.
 
 Controller side (`TuneReport`): Ray's `TuneReportCallback` plus the number of times Ray
 Train restarted this run's worker group.
@@ -18,10 +26,29 @@ from typing import Any
 
 import pyarrow.fs
 import ray.train
+import ray.train.collective
 from ray.tune.integration.ray_train import TuneReportCallback
+
+from psdet import checkpoint as ckpt
+from psdet.errors import CheckpointError
 
 WORKER_RESTARTS = "worker_restarts"
 TOTAL_EPOCHS = "total_epochs"
+FROM_RAY = "ray"  # rank 0's choice, broadcast: resume from Ray's registered checkpoint
+
+
+def newer_checkpoint(from_ray: Path | None, engine_checkpoints: Path | None) -> Path | None:
+    """The checkpoint to resume from: the newer by global step of Ray's registered one
+    (`from_ray`, a local directory) and the newest valid one under `engine_checkpoints`.
+    Ray's wins a tie; a corrupt one of Ray's loses to any valid engine checkpoint."""
+    engine = ckpt.latest_valid(engine_checkpoints) if engine_checkpoints is not None else None
+    if from_ray is None or engine is None:
+        return from_ray or engine
+    try:
+        ray_step = ckpt.read_meta(from_ray)["step"]
+    except CheckpointError:
+        return engine
+    return engine if ckpt.read_meta(engine)["step"] > ray_step else from_ray
 
 
 class RayReporter:
@@ -29,20 +56,46 @@ class RayReporter:
 
     `extra_metrics` are added to every report (the trial's planned epoch count, so the
     searcher can tell a finished trial from one the scheduler stopped).
+    `engine_checkpoints`: the engine's checkpoint folder, when every worker can read it
+    (shared or single-node storage); None to resume from Ray's checkpoints alone.
     """
 
-    def __init__(self, extra_metrics: dict[str, Any] | None = None) -> None:
+    def __init__(self, extra_metrics: dict[str, Any] | None = None, engine_checkpoints: Path | None = None) -> None:
         self.extra_metrics = dict(extra_metrics or {})
+        self.engine_checkpoints = engine_checkpoints
         self._downloaded: tempfile.TemporaryDirectory | None = None
 
     def latest_checkpoint(self) -> Path | None:
+        choice = None
+        if ray.train.get_context().get_world_rank() == 0:
+            choice = self._choose()
+        choice = ray.train.collective.broadcast_from_rank_zero(choice)
+        if choice == FROM_RAY:
+            return self._ray_checkpoint()
+        return Path(choice) if choice is not None else None
+
+    def _choose(self) -> str | None:
+        """Rank 0: FROM_RAY, the path of the engine's checkpoint, or None (start fresh)."""
+        registered = ray.train.get_checkpoint()
+        if self.engine_checkpoints is None:
+            return FROM_RAY if registered is not None else None
+        from_ray = self._ray_checkpoint() if registered is not None else None
+        chosen = newer_checkpoint(from_ray, self.engine_checkpoints)
+        if chosen is None:
+            return None
+        return FROM_RAY if chosen == from_ray else str(chosen)
+
+    def _ray_checkpoint(self) -> Path | None:
+        """Ray's registered checkpoint as a local directory (downloaded once from remote storage)."""
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
         if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
             return Path(checkpoint.path)  # read in place: the engine only reads it
-        self._downloaded = tempfile.TemporaryDirectory(prefix="psdet-resume-")
-        return Path(checkpoint.to_directory(self._downloaded.name))
+        if self._downloaded is None:
+            self._downloaded = tempfile.TemporaryDirectory(prefix="psdet-resume-")
+            checkpoint.to_directory(self._downloaded.name)
+        return Path(self._downloaded.name)
 
     def report(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
         metrics = {**metrics, **self.extra_metrics}

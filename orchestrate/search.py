@@ -136,8 +136,12 @@ class SweepSearch(OptunaSearch):
 
 class JournalMirror(tune.Callback):
     """With remote `--storage`, the journal is written on the driver's disk and copied to
-    `<experiment>/optuna.journal` after every finished trial (and at most every
-    `period_s` on results), so a driver on another host can resume from the copy."""
+    `<experiment>/optuna.journal`, so a driver on another host can resume from the copy.
+
+    It is copied whenever Tune saves the experiment state (`get_state`: Tune calls it
+    right after the searcher's own state is saved and before the state is synced to
+    storage, so the copy always holds every Optuna trial the synced searcher state names),
+    after every finished trial, and at most every `period_s` on results."""
 
     def __init__(self, local_path: str, remote_uri: str, period_s: float = 60.0) -> None:
         self.local_path = local_path
@@ -149,6 +153,10 @@ class JournalMirror(tune.Callback):
         if Path(self.local_path).is_file():
             storage.write_bytes(self.remote_uri, Path(self.local_path).read_bytes())
             self._last = time.monotonic()
+
+    def get_state(self) -> None:
+        self.upload()
+        return None  # nothing to restore: the journal itself is the state
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if time.monotonic() - self._last > self.period_s:

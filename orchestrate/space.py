@@ -32,6 +32,7 @@ from psdet.config import (
     load_config,
     set_dotted,
     to_dict,
+    yaml_number,
 )
 from psdet.errors import ConfigError
 
@@ -328,11 +329,7 @@ _PARAM_KEYS = {
 
 
 def _number(value: Any, where: str, integer: bool = False) -> float | int:
-    if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+    value = yaml_number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where} must be a number, got {value!r}")
     if integer:

@@ -73,13 +73,23 @@ def engine_out_dir(setup: TrialSetup, trial_id: str) -> str:
 
     A new one per run of the trial: when a resumed driver starts the trial again, workers
     of the dead driver may still be alive for a moment, and two engines must never prune
-    each other's checkpoints. Ray's own copies (train/checkpoint_*) are the ones resumed from.
+    each other's checkpoints. A restarted worker group of the same run resumes from the newer
+    of Ray's copy (train/checkpoint_*) and the engine's own here (see RayReporter); a new
+    run of the trial, from Ray's.
     """
     run = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     uri = trial_uri(setup, trial_id)
     if storage.is_remote(uri):
         return str(Path(tempfile.gettempdir(), "psdet-sweeps", setup.spec.name, f"trial_{trial_id}", run))
     return str(Path(uri, run))
+
+
+def engine_dirs(setup: TrialSetup, trial_id: str) -> dict[str, Any]:
+    """The loop config's `out_dir` (engine_out_dir) and `resume_from_engine`: whether a
+    restarted worker group may resume from the engine's own checkpoints there. Not with
+    remote storage, where out_dir is node-local scratch that other workers cannot read."""
+    return {"out_dir": engine_out_dir(setup, trial_id),
+            "resume_from_engine": not storage.is_remote(trial_uri(setup, trial_id))}
 
 
 def build_trainer(setup: TrialSetup, trial_id: str, train_loop_config: dict[str, Any],
@@ -115,7 +125,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     cfg.train.keep_checkpoints = 1
     loop_config = {
         "config": to_dict(cfg),
-        "out_dir": engine_out_dir(setup, trial_id),
+        **engine_dirs(setup, trial_id),
         "synthetic": setup.synthetic,
     }
     build_trainer(setup, trial_id, loop_config).fit()
@@ -155,8 +165,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         from orchestrate.data import ensure_synthetic
 
         ensure_synthetic(loop_config["synthetic"], Path(cfg.data.root))
-    reporter = RayReporter(extra_metrics={TOTAL_EPOCHS: cfg.train.epochs})
-    train(cfg, Path(loop_config["out_dir"]), reporter)
+    out_dir = Path(loop_config["out_dir"])
+    reporter = RayReporter(extra_metrics={TOTAL_EPOCHS: cfg.train.epochs},
+                           engine_checkpoints=out_dir / "checkpoints" if loop_config.get("resume_from_engine") else None)
+    train(cfg, out_dir, reporter)
 
 
 def trainable(setup: TrialSetup):

@@ -235,6 +235,17 @@ def _closest(key: str, valid: list[str], prefix: str = "") -> str:
     return f" (valid keys under '{prefix or '.'}': {', '.join(valid)})"
 
 
+def yaml_number(value: Any) -> Any:
+    """A string that reads as a float becomes one (YAML 1.1 reads `1e-4`, without a dot,
+    as a string); anything else is returned unchanged for the caller to check."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check `value` against a field's type; ints are accepted where floats are expected."""
     origin = get_origin(annotation)
@@ -262,11 +273,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if annotation is float:
-        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        value = yaml_number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -11,23 +11,19 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import signal
 import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from cluster_helpers import TUNE, Driver
 from conftest import REPO
 
 SMOKE = REPO / "search_spaces" / "smoke.yaml"
-TUNE = [sys.executable, str(REPO / "orchestrate" / "tune.py")]
 FINISHED = re.compile(r"^trial (\S+) (completed|pruned) after")
 
 
@@ -77,42 +73,6 @@ def study_trials(experiment: Path, name: str):
 
 def params_of(row: dict) -> tuple:
     return tuple(sorted((k, v) for k, v in row.items() if "." in k and v is not None))
-
-
-class Streamed:
-    """A subprocess whose stdout lines are read on a thread, so the test can wait for one with a deadline."""
-
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen([*TUNE, *map(str, args)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-
-    def wait_for(self, pattern: re.Pattern, timeout: float) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=1)
-            except queue.Empty:
-                if self.proc.poll() is not None and self.lines.empty():
-                    break
-                continue
-            self.seen.append(line)
-            match = pattern.search(line)
-            if match:
-                return match
-        self.kill()
-        raise AssertionError(f"no line matching {pattern.pattern!r}; last output:\n" + "\n".join(self.seen[-40:]))
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()  # SIGKILL
-        self.proc.wait(timeout=30)
 
 
 @pytest.mark.timeout(300)
@@ -195,12 +155,12 @@ def test_worker_killed_mid_trial_resumes_exactly(ray_cluster, env, tmp_path):
     )
     storage = tmp_path / "runs"
     experiment = storage / "twins"
-    sweep = Streamed(["--space", space, "--address", ray_cluster.address, "--storage", storage], env)
+    sweep = Driver([*TUNE, "--space", space, "--address", ray_cluster.address, "--storage", storage], env)
     try:
-        killed_id = sweep.wait_for(re.compile(r"^trial (\S+) epoch 1/4"), timeout=200).group(1)
+        killed_id = sweep.wait_for(r"^trial (\S+) epoch 1/4", timeout=200).group(1)
         os.kill(rank0_worker_pid(experiment / f"trial_{killed_id}", ray_cluster.address), signal.SIGKILL)
-        sweep.wait_for(re.compile(r"^results "), timeout=300)
-        assert sweep.proc.wait(timeout=60) == 0, "\n".join(sweep.seen[-40:])
+        sweep.wait_for(r"^results ", timeout=300)
+        assert sweep.wait(timeout=60) == 0, sweep.tail(40)
     finally:
         sweep.kill()
 
@@ -222,7 +182,7 @@ def test_driver_killed_then_resumed_finishes_the_sweep(ray_cluster, env, tmp_pat
     experiment = storage / "resumable"
     args = ["--space", space, "--address", ray_cluster.address, "--storage", storage]
 
-    driver = Streamed(args, env)
+    driver = Driver([*TUNE, *args], env)
     try:
         driver.wait_for(FINISHED, timeout=240)
     finally:

@@ -1,0 +1,63 @@
+"""Where a restarted Ray Train worker group resumes from: the newer of Ray's registered
+checkpoint and the engine's own (orchestrate.ray_reporter.newer_checkpoint).
+
+The end-to-end case (a worker SIGKILLed just after a report Ray had not registered yet)
+is what benchmarks/recovery.py measures; its smoke run is in tests/test_benchmarks.py.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from orchestrate.ray_reporter import newer_checkpoint
+from psdet import checkpoint as ckpt
+
+
+def _save(root: Path, epoch: int, step: int, batch: int = 0) -> Path:
+    return ckpt.save_checkpoint(root, ckpt.Position(epoch, step, batch), {"step": torch.tensor(step)}, "name: t\n",
+                                {"loss": 1.0 / (step + 1)})
+
+
+def _corrupt(path: Path) -> None:
+    state = path / ckpt.STATE_FILE
+    state.write_bytes(state.read_bytes()[:-7])  # truncated, as by a crash mid-copy
+
+
+def test_nothing_anywhere_starts_fresh(tmp_path):
+    assert newer_checkpoint(None, tmp_path / "engine") is None
+    assert newer_checkpoint(None, None) is None
+
+
+def test_only_one_side_has_a_checkpoint(tmp_path):
+    from_ray = _save(tmp_path / "ray", 2, 16)
+    assert newer_checkpoint(from_ray, tmp_path / "engine") == from_ray
+    assert newer_checkpoint(from_ray, None) == from_ray
+    engine = _save(tmp_path / "engine", 1, 8)
+    assert newer_checkpoint(None, tmp_path / "engine") == engine
+
+
+def test_the_engines_newer_checkpoint_wins(tmp_path):
+    """Ray registered epoch 2's report; the engine has since written epoch 3's (reported
+    just before the crash, not yet registered) and a mid-epoch one after it."""
+    from_ray = _save(tmp_path / "ray", 2, 16)
+    _save(tmp_path / "engine", 3, 24)
+    mid_epoch = _save(tmp_path / "engine", 3, 28, batch=4)
+    assert newer_checkpoint(from_ray, tmp_path / "engine") == mid_epoch
+
+
+def test_rays_checkpoint_wins_when_newer_or_equal(tmp_path):
+    from_ray = _save(tmp_path / "ray", 2, 16)
+    _save(tmp_path / "engine", 1, 8)
+    assert newer_checkpoint(from_ray, tmp_path / "engine") == from_ray
+    _save(tmp_path / "engine", 2, 16)
+    assert newer_checkpoint(from_ray, tmp_path / "engine") == from_ray
+
+
+def test_corrupt_checkpoints_are_passed_over(tmp_path):
+    from_ray = _save(tmp_path / "ray", 2, 16)
+    older = _save(tmp_path / "engine", 2, 20, batch=4)
+    _corrupt(_save(tmp_path / "engine", 3, 24))
+    assert newer_checkpoint(from_ray, tmp_path / "engine") == older  # the newest engine one is truncated
+    _corrupt(from_ray)
+    assert newer_checkpoint(from_ray, tmp_path / "engine") == older  # and Ray's too
