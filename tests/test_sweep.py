@@ -221,3 +221,20 @@ def test_driver_killed_then_resumed_finishes_the_sweep(ray_cluster, env, tmp_pat
     for trial_id, row in by_id.items():
         assert tracked[trial_id].state.name == {"completed": "COMPLETE", "pruned": "PRUNED"}[row["status"]]
         assert tracked[trial_id].params == {k: v for k, v in params_of(row)}
+
+
+def test_journal_mirror_copies_the_journal_whenever_tune_saves_the_experiment(tmp_path):
+    """Tune calls every callback's get_state right after saving the searcher's state and
+    before syncing the experiment to storage: the mirrored journal is never older than the
+    searcher state a resumed driver reads (a local path stands in for S3 here)."""
+    from orchestrate.search import JournalMirror
+
+    local, remote = tmp_path / "optuna.journal", tmp_path / "storage" / "optuna.journal"
+    remote.parent.mkdir()
+    mirror = JournalMirror(str(local), str(remote), period_s=3600)
+    assert mirror.get_state() is None and not remote.exists()  # no journal yet: nothing to copy
+    for record in (b'{"op": 0}\n', b'{"op": 4}\n'):
+        with open(local, "ab") as journal:
+            journal.write(record)
+        assert mirror.get_state() is None  # nothing for Tune to keep: the journal is the state
+        assert remote.read_bytes() == local.read_bytes()
