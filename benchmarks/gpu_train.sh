@@ -8,7 +8,8 @@
 #
 # Needs python3 with torch, numpy, pyyaml, pillow and tensorboardX (no Ray; the repository
 # root goes on PYTHONPATH). DEVICE=cpu runs the same steps on the CPU (a check of the
-# script); TRAIN, VAL, EPOCHS and BIG_EPOCHS size it. About 2-3 minutes on one H100/H200.
+# script; tests/test_benchmarks.py runs it so, at its smallest); TRAIN, VAL, EPOCHS,
+# BIG_EPOCHS, BIG_BATCH, BIG_SIZE and BIG_WORKERS size it. About 2 minutes on one H200.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
@@ -53,7 +54,7 @@ head -c 400 "$out/predict.json"; echo
 step "ps_gat (VGG16, 512x512, batch 32), bf16 + channels_last"
 timed ps_gat_bf16 "${psdet[@]}" train -c ps_gat --data "$work/data" --out "$work/ps_gat" "${common[@]}" \
   -o train.epochs="${BIG_EPOCHS:-1}" -o train.precision=bf16 -o train.channels_last=true \
-  -o data.batch_size="${BIG_BATCH:-32}" -o data.num_workers=8
+  -o data.batch_size="${BIG_BATCH:-32}" -o data.image_size="${BIG_SIZE:-512}" -o data.num_workers="${BIG_WORKERS:-8}"
 
 echo
 echo "gpu_train: ok device=$device"

@@ -5,6 +5,7 @@ prints what the README's figures are read from. No timing is asserted.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -45,6 +46,8 @@ def test_benchmark_prints_its_last_line(name, extra_args, keys, timeout):
     values = _last_line_values(stdout, name)
     assert set(keys) <= set(values), f"missing {set(keys) - set(values)} in {values}"
     assert all(math.isfinite(values[key]) and values[key] >= 0 for key in keys), values
+    if name == "recovery":  # not a timing: a restarted worker group resumes within one checkpoint interval
+        assert values["lost_steps"] <= values["ckpt_interval_steps"], values
 
 
 def test_gpu_script_runs_end_to_end_on_cpu(tmp_path):
@@ -56,3 +59,19 @@ def test_gpu_script_runs_end_to_end_on_cpu(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu.txt", "postprocess.txt", "train_step.txt"]
     _last_line_values((tmp_path / "train_step.txt").read_text(), "train_step")
     _last_line_values((tmp_path / "postprocess.txt").read_text(), "postprocess")
+
+
+def test_gpu_train_script_runs_end_to_end_on_cpu(tmp_path):
+    """benchmarks/gpu_train.sh (the CLI on CUDA) at its smallest, on the CPU."""
+    stdout = _run(["bash", "benchmarks/gpu_train.sh"], timeout=300, env={
+        "OUT": str(tmp_path), "PYTHON": sys.executable, "DEVICE": "cpu", "OMP_NUM_THREADS": "1",
+        "TRAIN": "8", "VAL": "2", "EPOCHS": "1", "BIG_BATCH": "4", "BIG_SIZE": "128", "BIG_WORKERS": "0",
+    })
+    assert stdout.strip().splitlines()[-1] == "gpu_train: ok device=cpu"
+    for run in ("tiny_fp32", "tiny_bf16", "tiny_fp16", "ps_gat_bf16"):
+        assert re.search(r"epoch 1/1: loss .* images/s", (tmp_path / f"{run}.log").read_text()), run
+    evaluated = json.loads((tmp_path / "tiny_bf16_eval.json").read_text())
+    assert evaluated["images"] == 2 and "slot_ap" in evaluated
+    predicted = json.loads((tmp_path / "predict.json").read_text())
+    assert [Path(p["image"]).name for p in predicted] == ["test_000000.jpg", "test_000001.jpg"]
+    assert (tmp_path / "predict-0.png").stat().st_size > 0 and (tmp_path / "predict-1.png").stat().st_size > 0
