@@ -38,13 +38,13 @@ def join(uri: str, *parts: str) -> str:
 def filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
     """(filesystem, path on it) for a local path or a URI."""
     if not is_remote(uri):
-        return pyarrow.fs.LocalFileSystem(), str(uri)
+        return pyarrow.fs.LocalFileSystem(), normalize(uri)  # file:// URIs included
     return pyarrow.fs.FileSystem.from_uri(uri)
 
 
 def local_path(uri: str) -> Path | None:
     """The local directory of `uri`, or None when it is remote."""
-    return None if is_remote(uri) else Path(uri)
+    return None if is_remote(uri) else Path(normalize(uri))
 
 
 def exists(uri: str) -> bool:

@@ -248,3 +248,11 @@ def test_storage_join_keeps_uri_queries():
     assert storage.join("/tmp/runs", "lr") == "/tmp/runs/lr"
     assert storage.display(uri, "bucket/sweeps/lr/trial_1/train/checkpoint_0") == \
         "s3://bucket/sweeps/lr/trial_1/train/checkpoint_0"
+
+
+def test_storage_reads_and_writes_file_uris_as_local_paths(tmp_path):
+    target = tmp_path / "sweep" / "sweep.json"
+    storage.write_bytes(f"file://{target}", b"{}")
+    assert target.read_bytes() == b"{}" and storage.exists(str(target))
+    assert storage.read_bytes(f"file://{target}") == b"{}"
+    assert storage.local_path(f"file://{tmp_path}") == tmp_path
