@@ -105,8 +105,9 @@ def instrumented_engine_loop(loop_config: dict) -> None:
     def stamped_latest(self):
         if loop_config["ray_only"]:
             self.engine_checkpoints = None
+        registered = ray.train.get_checkpoint()
         write_stamp(stamps, f"resume-{pid}", pid=pid, rank=rank, time=time.time(),
-                    path=ray.train.get_checkpoint().path if ray.train.get_checkpoint() else None)
+                    path=registered.path if registered else None)
         return latest_checkpoint(self)
 
     register_optimizer_step_post_hook(after_step)

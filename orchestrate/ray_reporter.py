@@ -20,6 +20,7 @@ Train restarted this run's worker group.
 """
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,8 @@ def newer_checkpoint(from_ray: Path | None, engine_checkpoints: Path | None) -> 
         ray_step = ckpt.read_meta(from_ray)["step"]
     except CheckpointError:
         return engine
-    return engine if ckpt.read_meta(engine)["step"] > ray_step else from_ray
+    engine_step = json.loads((engine / ckpt.META_FILE).read_text())["step"]  # latest_valid verified it
+    return engine if engine_step > ray_step else from_ray
 
 
 class RayReporter:

@@ -23,13 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from psdet.config import (
     Config,
     build_dataclass,
     config_from_dict,
     load_config,
+    read_yaml,
     set_dotted,
     to_dict,
     yaml_number,
@@ -224,12 +223,7 @@ def load_space(path: str | Path) -> SweepSpec:
 
 
 def _read(path: Path) -> dict:
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read search space: {exc.strerror}") from None
+    loaded = read_yaml(path, what="search space")
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: a search space must be a mapping of sections ({', '.join(SECTIONS)})")
     return loaded

@@ -162,13 +162,19 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     raise ConfigError(f"config '{text}' is neither a file nor a shipped config{suggestion}; shipped: {', '.join(shipped)}")
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path, what: str = "") -> Any:
+    """The parsed YAML of `path`; a one-line ConfigError naming the file if it cannot be
+    read or parsed (`what` names the kind of file in the read error)."""
     try:
-        loaded = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        raise ConfigError(f"{path}: cannot read{' ' + what if what else ''}: {exc.strerror}") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    loaded = read_yaml(path)
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

@@ -63,6 +63,20 @@ def test_bad_space_exits_2_with_one_line_naming_file_and_key(name, capsys):
     assert "Traceback" not in captured.err and captured.out == ""
 
 
+@pytest.mark.parametrize("content, message", [
+    ("experiment: {name: x\n", "invalid YAML"),  # unclosed mapping
+    (None, "cannot read search space"),  # no such file
+    ("- a\n- b\n", "must be a mapping of sections"),
+])
+def test_unreadable_space_file_exits_2_with_one_line_naming_it(tmp_path, capsys, content, message):
+    path = tmp_path / "space.yaml"
+    if content is not None:
+        path.write_text(content)
+    assert main(["--space", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and message in lines[0], lines
+
+
 def test_bad_space_as_a_script_exits_2():
     result = subprocess.run([sys.executable, "orchestrate/tune.py", "--space", "tests/bad_spaces/bad_metric.yaml"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
