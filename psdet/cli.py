@@ -23,6 +23,16 @@ def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> 
                         help="dotted override, e.g. -o optim.lr=0.001 (repeatable)")
 
 
+def _score(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="psdet", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", metavar="IMAGE")
     predict.add_argument("--draw", metavar="OUT.png",
                          help="draw the detections (with several images: OUT-0.png, OUT-1.png, ...)")
+    predict.add_argument("--min-score", type=_score, default=0.5, metavar="S",
+                         help="print and draw only points and slots scoring at least S (default 0.5; "
+                              "0 keeps every detection the post-processing keeps, as eval sees them)")
     predict.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                          help="dotted override of the checkpoint's config, e.g. model.edge_thresh=0.6")
     return parser
@@ -169,9 +182,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
             (prediction,) = model.predict(image.unsqueeze(0).to(device))
         scale = [width, height, width, height]
         slots = [[*(float(v) * s for v, s in zip(entrance, scale)), float(score)]
-                 for entrance, score in zip(prediction.slot_entrances, prediction.slot_scores)]
+                 for entrance, score in zip(prediction.slot_entrances, prediction.slot_scores)
+                 if score >= args.min_score]
         points = [[float(x) * width, float(y) * height, float(score)]
-                  for (x, y), score in zip(prediction.point_xy, prediction.point_scores)]
+                  for (x, y), score in zip(prediction.point_xy, prediction.point_scores)
+                  if score >= args.min_score]
         results.append({"image": image_path, "width": width, "height": height, "points": points, "slots": slots})
         if args.draw:
             target = Path(args.draw)

@@ -45,7 +45,10 @@ def test_benchmark_prints_its_last_line(name, extra_args, keys, timeout):
     stdout = _run([sys.executable, f"benchmarks/{name}.py", "--small", *extra_args], timeout)
     values = _last_line_values(stdout, name)
     assert set(keys) <= set(values), f"missing {set(keys) - set(values)} in {values}"
-    assert all(math.isfinite(values[key]) and values[key] >= 0 for key in keys), values
+    assert all(math.isfinite(values[key]) for key in keys), values
+    # every figure is a time, a ratio, a count or a share, except a growth, which the driver's
+    # RSS may show as a small shrink
+    assert all(values[key] >= 0 for key in keys if not key.endswith("_growth_pct")), values
     if name == "recovery":  # not a timing: a restarted worker group resumes within one checkpoint interval
         assert values["lost_steps"] <= values["ckpt_interval_steps"], values
 

@@ -121,6 +121,21 @@ def test_eval_json_and_predict_draw(trained_run, synth_data, tmp_path, capsys):
     assert [r["image"] for r in results] == list(map(str, images))
     assert all(r["width"] == 600 and r["height"] == 600 for r in results)
     assert (tmp_path / "drawn-0.png").is_file() and (tmp_path / "drawn-1.png").is_file()
+    assert all(entry[-1] >= 0.5 for r in results for entry in r["points"] + r["slots"])
+
+    assert main(["predict", "--ckpt", str(trained_run), str(images[0]), "--min-score", "0"]) == 0
+    everything = json.loads(capsys.readouterr().out)
+    assert len(everything["points"]) > len(results[0]["points"])  # the tiny run leaves low-score points
+    kept = [p for p in everything["points"] if p[-1] >= 0.5]
+    assert kept == results[0]["points"] and len(everything["slots"]) >= len(results[0]["slots"])
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "high"])
+def test_predict_min_score_out_of_range_exits_2(value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--ckpt", str(tmp_path), "image.jpg", "--min-score", value])
+    assert exit_info.value.code == 2
+    assert "--min-score" in capsys.readouterr().err
 
 
 def test_module_entry_point_exits_2_without_traceback(tmp_path):
