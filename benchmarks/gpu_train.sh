@@ -9,7 +9,7 @@
 # Needs python3 with torch, numpy, pyyaml, pillow and tensorboardX (no Ray; the repository
 # root goes on PYTHONPATH). DEVICE=cpu runs the same steps on the CPU (a check of the
 # script; tests/test_benchmarks.py runs it so, at its smallest); TRAIN, VAL, EPOCHS,
-# BIG_EPOCHS, BIG_BATCH, BIG_SIZE and BIG_WORKERS size it. About 2 minutes on one H200.
+# BIG_EPOCHS, BIG_BATCH, BIG_SIZE and BIG_WORKERS size it; INPUT_ARGS goes to input_pipeline.py. About 2 minutes on one H200.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
@@ -50,6 +50,9 @@ step "eval and predict with the bf16 run's checkpoint"
 "${psdet[@]}" predict --ckpt "$work/bf16" "$work"/data/testing/all/*_00000[01].jpg --draw "$out/predict.png" \
   >"$out/predict.json"
 head -c 400 "$out/predict.json"; echo
+
+step "input pipeline: uint8 + colour jitter on the device against float32 jittered in the workers"
+timeout 300 "$python" benchmarks/input_pipeline.py --device "$device" ${INPUT_ARGS:-} | tee "$out/input_pipeline.txt"
 
 step "ps_gat (VGG16, 512x512, batch 32), bf16 + channels_last"
 timed ps_gat_bf16 "${psdet[@]}" train -c ps_gat --data "$work/data" --out "$work/ps_gat" "${common[@]}" \

@@ -27,6 +27,7 @@ from psdet import checkpoint as ckpt
 from psdet import distributed
 from psdet.config import Config, dump_yaml
 from psdet.data import build_dataset
+from psdet.data.batch import collate_fn, model_input
 from psdet.errors import ConfigError, DataError, NonFiniteLossError
 from psdet.metrics import evaluate, truth_from_batch
 from psdet.models import build_model
@@ -70,13 +71,10 @@ def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextMa
 
 
 def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
-    moved = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if key == "image" and channels_last:
-                value = value.contiguous(memory_format=torch.channels_last)
-        moved[key] = value
+    """Every tensor to `device`; `image` becomes the model's float input, colour-jittered when training."""
+    moved = {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+             for key, value in batch.items()}
+    moved["image"] = model_input(moved["image"], moved.pop("jitter", None), channels_last)
     return moved
 
 
@@ -88,6 +86,7 @@ def _loader(dataset, sampler, batch_size: int, num_workers: int, seed: int, devi
         sampler=sampler,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
+        collate_fn=collate_fn(device),
         drop_last=False,
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=False,
@@ -147,12 +146,11 @@ def run_evaluation(module: torch.nn.Module, dataset, cfg: Config, ctx: distribut
         pin_memory=ctx.device.type == "cuda",
     )
     predictions, truths = [], []
+    channels_last = cfg.train.channels_last and ctx.device.type == "cuda"
     with torch.no_grad(), _autocast(cfg, ctx.device):
         for batch in loader:
-            image = batch["image"].to(ctx.device, non_blocking=True)
-            if cfg.train.channels_last and ctx.device.type == "cuda":
-                image = image.contiguous(memory_format=torch.channels_last)
-            predictions += module.predict(image)
+            predictions += module.predict(model_input(batch["image"].to(ctx.device, non_blocking=True),
+                                                      channels_last=channels_last))
             truths += truth_from_batch(batch)
     gathered = distributed.gather_to_main((predictions, truths), ctx)
     metrics = None

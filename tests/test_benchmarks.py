@@ -40,6 +40,7 @@ def _run(command: list[str], timeout: float, env: dict[str, str] | None = None) 
     ("train_step", [], ["ratio", "tiny_ratio", "rss_ratio", "targets_losses_ratio"], 300),
     ("sweep_overhead", [], ["ratio", "report_ckpt_s", "report_pct_of_epoch", "rss_growth_pct"], 900),
     ("recovery", [], ["recovery_s", "lost_steps"], 600),
+    ("input_pipeline", ["--workers", "0", "2"], ["ratio", "ours_img_s", "ref_img_s"], 300),
 ])
 def test_benchmark_prints_its_last_line(name, extra_args, keys, timeout):
     stdout = _run([sys.executable, f"benchmarks/{name}.py", "--small", *extra_args], timeout)
@@ -69,7 +70,9 @@ def test_gpu_train_script_runs_end_to_end_on_cpu(tmp_path):
     stdout = _run(["bash", "benchmarks/gpu_train.sh"], timeout=300, env={
         "OUT": str(tmp_path), "PYTHON": sys.executable, "DEVICE": "cpu", "OMP_NUM_THREADS": "1",
         "TRAIN": "8", "VAL": "2", "EPOCHS": "1", "BIG_BATCH": "4", "BIG_SIZE": "128", "BIG_WORKERS": "0",
+        "INPUT_ARGS": "--small",
     })
+    _last_line_values((tmp_path / "input_pipeline.txt").read_text(), "input_pipeline")
     assert stdout.strip().splitlines()[-1] == "gpu_train: ok device=cpu"
     for run in ("tiny_fp32", "tiny_bf16", "tiny_fp16", "ps_gat_bf16"):
         assert re.search(r"epoch 1/1: loss .* images/s", (tmp_path / f"{run}.log").read_text()), run

@@ -18,8 +18,10 @@ from psdet.config import DataConfig
 from psdet.data import synth
 from psdet.data.dataset import ParkingSlotDataset, build_dataset, load_image, normalised_marks
 from psdet.data.labels import list_samples, read_label
-from psdet.data.transforms import color_jitter, rotate_marks
+from psdet.data.batch import collate_fn, color_jitter, model_input
+from psdet.data.transforms import rotate_marks, sample_jitter
 from psdet.errors import DataError
+from reference_augment import color_jitter as reference_color_jitter
 
 SIZE = 256  # network input in these tests: the tiny config's 8x8 grid
 
@@ -192,9 +194,10 @@ def test_samples_follow_the_batch_contract(synth_root):
     assert len(dataset) == 24
     for index in range(len(dataset)):
         sample, label = dataset[index], dataset.labels[index]
-        assert set(sample) == {"image", "marks", "num_marks", "slot_adjacency", "name"}
-        assert sample["image"].dtype == torch.float32 and sample["image"].shape == (3, SIZE, SIZE)
-        assert 0.0 <= sample["image"].min() and sample["image"].max() <= 1.0
+        assert set(sample) == {"image", "jitter", "marks", "num_marks", "slot_adjacency", "name"}
+        assert sample["image"].dtype == torch.uint8 and sample["image"].shape == (3, SIZE, SIZE)
+        assert sample["jitter"].dtype == torch.float32 and sample["jitter"].shape == (8,)
+        assert sorted(sample["jitter"][4:].tolist()) == [0, 1, 2, 3]
         assert sample["marks"].dtype == torch.float32 and sample["marks"].shape == (10, 4)
         assert sample["num_marks"].dtype == torch.int64 and int(sample["num_marks"]) == label.num_marks
         n = label.num_marks
@@ -208,6 +211,11 @@ def test_samples_follow_the_batch_contract(synth_root):
         assert sample["name"] == label.name == f"train_{index:06d}"
     batch = next(iter(DataLoader(dataset, batch_size=4)))
     assert batch["image"].shape == (4, 3, SIZE, SIZE) and batch["marks"].shape == (4, 10, 4)
+    pixels = model_input(batch["image"], batch["jitter"])
+    assert pixels.dtype == torch.float32 and pixels.shape == (4, 3, SIZE, SIZE)
+    assert 0.0 <= pixels.min() and pixels.max() <= 1.0
+    assert set(_dataset(synth_root, "testing/all", train=False, color_jitter=0.5)[0]) == {
+        "image", "marks", "num_marks", "slot_adjacency", "name"}  # no jitter out of training
     assert batch["num_marks"].shape == (4,) and batch["slot_adjacency"].shape == (4, 10, 10)
     assert batch["name"] == [f"train_{i:06d}" for i in range(4)]
 
@@ -227,7 +235,7 @@ def test_validation_samples_are_never_augmented(synth_root):
     for index, sample in enumerate(first):
         again = dataset[index]
         image, size = load_image(dataset.files[index].image_path, SIZE)
-        assert torch.equal(sample["image"], image) and torch.equal(again["image"], image)
+        assert torch.equal(model_input(sample["image"]), image) and torch.equal(again["image"], sample["image"])
         marks = torch.tensor(normalised_marks(dataset.labels[index], *size), dtype=torch.float32)
         assert torch.equal(sample["marks"][: len(marks)], marks) and torch.equal(again["marks"], sample["marks"])
 
@@ -248,7 +256,7 @@ def test_rotation_moves_image_and_marks_together(tmp_path):
     for epoch in range(12):
         dataset.set_epoch(epoch)
         sample = dataset[0]
-        pixels, marks = sample["image"].numpy(), sample["marks"].numpy()
+        pixels, marks = model_input(sample["image"]).numpy(), sample["marks"].numpy()
         assert np.all((marks[:2, :2] >= 0.05) & (marks[:2, :2] <= 0.95))
         red = np.clip(pixels[0] - pixels[1], 0, None)
         green = np.clip(pixels[1] - pixels[0], 0, None)
@@ -273,7 +281,7 @@ def test_rotation_keeps_synthetic_marks_on_paint(synth_root):
             original = normalised_marks(dataset.labels[index], 600, 600)
             rotated += int(n > 0 and not np.allclose(marks[:, :2], original[:, :2], atol=1e-4))
             assert np.all((marks[:, :2] >= 0.05) & (marks[:, :2] <= 0.95))
-            luminance = sample["image"].numpy().mean(0)
+            luminance = model_input(sample["image"]).numpy().mean(0)
             for x, y in marks[:, :2] * SIZE:
                 col, row = int(x), int(y)
                 window = luminance[max(0, row - 10) : row + 11, max(0, col - 10) : col + 11]
@@ -299,16 +307,59 @@ def test_rotate_marks_matches_a_per_mark_reference():
         assert np.allclose(np.cos(got[:, 2] - np.array(expected)[:, 2]), 1.0)
 
 
-def test_color_jitter_changes_pixels_keeps_range_and_is_seeded():
-    image = np.random.default_rng(0).uniform(0, 1, (3, 32, 32)).astype(np.float32)
-    first = color_jitter(image, np.random.default_rng(1), 0.4)
-    assert first.dtype == np.float32 and first.shape == image.shape
-    assert 0.0 <= first.min() and first.max() <= 1.0 and np.abs(first - image).mean() > 0.01
-    assert np.array_equal(first, color_jitter(image, np.random.default_rng(1), 0.4))
-    assert not np.array_equal(first, color_jitter(image, np.random.default_rng(2), 0.4))
-    gray = np.full((3, 8, 8), 0.5, np.float32)  # hue and saturation leave gray alone
-    hue_only = color_jitter(gray, np.random.default_rng(3), 0.0)
-    assert np.allclose(hue_only, gray, atol=1e-6)
+def test_jitter_parameters_are_seeded_and_bounded():
+    draws = np.stack([sample_jitter(np.random.default_rng(seed), 0.4) for seed in range(200)])
+    assert draws.dtype == np.float32 and draws.shape == (200, 8)
+    assert np.all((draws[:, :3] >= 0.6) & (draws[:, :3] <= 1.4)) and np.all(np.abs(draws[:, 3]) <= 0.4)
+    assert all(sorted(order) == [0, 1, 2, 3] for order in draws[:, 4:].tolist())
+    assert len({tuple(order) for order in draws[:, 4:].tolist()}) == 24  # every order occurs
+    assert np.array_equal(draws[7], sample_jitter(np.random.default_rng(7), 0.4))
+    assert np.all(np.abs(sample_jitter(np.random.default_rng(0), 3.0)[3]) <= 0.5)  # hue: half a turn at most
+    # always the same number of draws, so what follows in the generator does not depend on strength
+    rngs = [np.random.default_rng(5), np.random.default_rng(5)]
+    sample_jitter(rngs[0], 0.0), sample_jitter(rngs[1], 0.9)
+    assert rngs[0].random() == rngs[1].random()
+
+
+def test_batched_color_jitter_matches_the_per_image_reference():
+    generator = np.random.default_rng(0)
+    images = generator.uniform(0, 1, (24, 3, 20, 28)).astype(np.float32)
+    images[3] = 0.5  # a gray image: hue and saturation leave it alone
+    params = np.stack([sample_jitter(generator, 0.6) for _ in range(24)])
+    params[5, :4] = [1.9, 0.2, 1.7, 0.45]  # clamping at every step matters with strong factors
+    got = color_jitter(torch.from_numpy(images), torch.from_numpy(params)).numpy()
+    assert got.dtype == np.float32 and got.shape == images.shape
+    for index in range(len(images)):
+        expected = reference_color_jitter(images[index], params[index])
+        np.testing.assert_allclose(got[index], expected, atol=2e-5, err_msg=f"image {index}, params {params[index]}")
+    assert 0.0 <= got.min() and got.max() <= 1.0 and np.abs(got - images).mean() > 0.01
+    identity = np.tile(np.array([1, 1, 1, 0, 3, 1, 0, 2], np.float32), (24, 1))
+    np.testing.assert_allclose(color_jitter(torch.from_numpy(images), torch.from_numpy(identity)).numpy(),
+                               images, atol=2e-6)
+
+
+def test_model_input_scales_jitters_and_lays_out():
+    image = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (2, 3, 16, 16), dtype=np.uint8))
+    plain = model_input(image)
+    assert plain.dtype == torch.float32 and torch.equal(plain, image.float() / 255.0)
+    params = torch.from_numpy(np.stack([sample_jitter(np.random.default_rng(s), 0.3) for s in (2, 3)]))
+    jittered = model_input(image, params, channels_last=True)
+    assert jittered.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(jittered, color_jitter(plain, params))
+
+
+def test_jitter_in_the_workers_equals_jitter_on_the_device(synth_root):
+    """The two places the engine makes the model input (CPU: the workers' collate; CUDA: after the copy)."""
+    dataset = _dataset(synth_root, color_jitter=0.3, rotate=True, seed=2)
+    in_workers = next(iter(DataLoader(dataset, batch_size=6, num_workers=2, collate_fn=collate_fn(torch.device("cpu")))))
+    raw = next(iter(DataLoader(dataset, batch_size=6, collate_fn=collate_fn(torch.device("cuda")))))
+    assert raw["image"].dtype == torch.uint8 and raw["jitter"].shape == (6, 8) and "jitter" not in in_workers
+    on_device = model_input(raw["image"], raw["jitter"])
+    assert in_workers["image"].dtype == torch.float32
+    torch.testing.assert_close(in_workers["image"], on_device, atol=1e-6, rtol=0)
+    assert torch.equal(in_workers["marks"], raw["marks"]) and in_workers["name"] == raw["name"]
+    with pytest.raises(ValueError, match="already"):
+        model_input(in_workers["image"], raw["jitter"])
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index(synth_root):
@@ -317,16 +368,17 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(synth_root):
     plain = _dataset(synth_root, train=False)
     for index in (0, 5):
         a, b = first[index], twin[index]
-        assert torch.equal(a["image"], b["image"]) and torch.equal(a["marks"], b["marks"])
+        assert all(torch.equal(a[key], b[key]) for key in ("image", "jitter", "marks"))
         assert not torch.equal(a["image"], plain[index]["image"])
         assert not torch.equal(a["image"], other_seed[index]["image"])
+        assert not torch.equal(a["jitter"], other_seed[index]["jitter"])
     before = first[5]
     first.set_epoch(1)
     after = first[5]
-    assert not torch.equal(before["image"], after["image"])
+    assert not torch.equal(before["image"], after["image"]) and not torch.equal(before["jitter"], after["jitter"])
     assert not torch.equal(before["marks"], after["marks"])
     twin.set_epoch(1)
-    assert torch.equal(after["image"], twin[5]["image"])
+    assert all(torch.equal(after[key], twin[5][key]) for key in ("image", "jitter", "marks"))
 
 
 def test_dataloader_workers_do_not_change_samples(synth_root):
@@ -335,7 +387,7 @@ def test_dataloader_workers_do_not_change_samples(synth_root):
     serial = list(DataLoader(dataset, batch_size=4, num_workers=0))
     parallel = list(DataLoader(dataset, batch_size=4, num_workers=2))
     for one, two in zip(serial, parallel, strict=True):
-        assert torch.equal(one["image"], two["image"]) and torch.equal(one["marks"], two["marks"])
+        assert all(torch.equal(one[key], two[key]) for key in ("image", "jitter", "marks"))
 
 
 def test_image_cache_gives_the_same_samples(synth_root):
@@ -344,3 +396,4 @@ def test_image_cache_gives_the_same_samples(synth_root):
     for _ in range(2):  # the second pass reads the cache
         for index in (0, 1):
             assert torch.equal(cached[index]["image"], uncached[index]["image"])
+            assert torch.equal(cached[index]["jitter"], uncached[index]["jitter"])

@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 from psdet.config import DataConfig
 from psdet.data.labels import ParkingLabel, SampleFiles, list_samples, read_label
 from psdet.data import transforms
+from psdet.data.batch import model_input
 from psdet.errors import DataError
 
 BACKBONE_STRIDE = 32  # the target map has image_size / 32 cells a side
@@ -19,7 +20,10 @@ class ParkingSlotDataset(Dataset):
     """One split of a ps2.0-layout dataset (see `psdet.data.labels` for the layout).
 
     `__getitem__(i)` returns the sample of docs/CONTRACTS.md (Batch):
-        image          float32 [3, S, S], RGB in [0, 1], S = image_size
+        image          uint8 [3, S, S], RGB, S = image_size (`psdet.data.batch.model_input`
+                       makes the model's float32 input of a batch, on its device)
+        jitter         float32 [8], colour-jitter parameters; only when training with
+                       `color_jitter` > 0 (applied by `model_input`, batched, on the device)
         marks          float32 [P, 4], P = max_points, zero-padded: x, y in [0, 1] of the
                        (resized, augmented) image, direction (rad, atan2 of the label's
                        two points, y down), shape (0 T, 1 L)
@@ -30,7 +34,8 @@ class ParkingSlotDataset(Dataset):
     Training augmentation (`train=True`; a validation set is never augmented): a rotation
     about the image centre that keeps every mark at least 0.05 inside the border and puts
     no two marks into one target cell (`rotate`, up to `max_rotation_deg`; no rotation
-    when ten random angles all fail), then colour jitter (`color_jitter`). All of it is
+    when ten random angles all fail), then colour jitter (`color_jitter`: its parameters
+    are drawn here, and `model_input` applies them to the batch on the device). All of it is
     drawn from a generator seeded with (seed, epoch, index), so a sample is the same
     whatever the DataLoader workers and whenever it is loaded: exact resume works.
     Call `set_epoch(epoch)` before creating each epoch's DataLoader iterator (with
@@ -97,9 +102,9 @@ class ParkingSlotDataset(Dataset):
             if angle != 0.0:
                 image = transforms.rotate_image(image, angle)
                 marks = transforms.rotate_marks(marks, angle)
-        pixels = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
+        sample = {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))}
         if rng is not None and self.color_jitter > 0:
-            pixels = transforms.color_jitter(pixels, rng, self.color_jitter)
+            sample["jitter"] = torch.from_numpy(transforms.sample_jitter(rng, self.color_jitter))
 
         num_marks = label.num_marks
         padded_marks = np.zeros((self.max_points, 4), dtype=np.float32)
@@ -108,7 +113,7 @@ class ParkingSlotDataset(Dataset):
         pairs = label.entrance_pairs
         adjacency[pairs[:, 0], pairs[:, 1]] = True
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(pixels)),
+            **sample,
             "marks": torch.from_numpy(padded_marks),
             "num_marks": torch.tensor(num_marks, dtype=torch.int64),
             "slot_adjacency": torch.from_numpy(adjacency),
@@ -154,8 +159,7 @@ def load_image(path: str | Path, image_size: int) -> tuple[torch.Tensor, tuple[i
         image, original_size = transforms.decode_image(path, image_size)
     except OSError as exc:
         raise DataError(f"{path}: cannot decode image: {exc}") from None
-    pixels = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
-    return pixels, original_size
+    return model_input(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))), original_size
 
 
 def normalised_marks(label: ParkingLabel, width: int, height: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Image decoding and train-time augmentation: colour jitter and mark-preserving rotation.
+"""Image decoding and train-time augmentation: mark-preserving rotation, colour-jitter parameters.
 
 Coordinates are continuous image coordinates normalised to [0, 1]: the image spans
 [0, 1] x [0, 1], pixel i covers [i / S, (i + 1) / S], y points down. Angles of rotation
@@ -15,10 +15,6 @@ from PIL import Image
 
 ROTATION_MARGIN = 0.05  # rotated marks must stay this far (normalised) inside the border
 ROTATION_TRIES = 10  # angles tried before falling back to no rotation
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-# RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane.
-_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=np.float64)
-_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -112,48 +108,18 @@ def _distinct_cells(marks_xy: np.ndarray, grid: int) -> int:
 
 # ----------------------------------------------------------------------------- colour
 
+JITTER_PARAMS = 8  # brightness, contrast, saturation factors, hue (turns), order of the four steps
 
-def color_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
-    """Random brightness, contrast, saturation and hue, in random order (like torchvision).
 
-    image: float32 [3, H, W] RGB in [0, 1]; returns a new array, clamped to [0, 1] after
-    each step. Factors are uniform in [1 - strength, 1 + strength]; the hue shift is
-    uniform in [-strength, strength] turns (capped at half a turn), applied as a rotation
-    of the YIQ chroma plane. Always draws the same number of values from `rng`.
+def sample_jitter(rng: np.random.Generator, strength: float) -> np.ndarray:
+    """One sample's colour-jitter parameters, float32 [8]; `psdet.data.batch.color_jitter` applies them.
+
+    Brightness, contrast and saturation factors are uniform in [1 - strength, 1 + strength],
+    the hue shift uniform in [-strength, strength] turns (capped at half a turn), and the
+    four steps come in a random order (like torchvision). Always draws the same number of
+    values from `rng`.
     """
     brightness, contrast, saturation = rng.uniform(max(0.0, 1.0 - strength), 1.0 + strength, size=3)
     hue = rng.uniform(-min(strength, 0.5), min(strength, 0.5))
     order = rng.permutation(4)
-    out = image.astype(np.float32, copy=True)
-    for step in order:
-        if step == 0:
-            out *= np.float32(brightness)
-        elif step == 1:
-            mean = np.float32(_luminance(out).mean())
-            out = (out - mean) * np.float32(contrast) + mean
-        elif step == 2:
-            gray = _luminance(out)[None]
-            out = gray + (out - gray) * np.float32(saturation)
-        else:
-            out = _mix_channels(_hue_matrix(hue), out)
-        np.clip(out, 0.0, 1.0, out=out)
-    return out
-
-
-# Channel mixes are written as sums of scaled planes: np.tensordot would go through a
-# multi-threaded BLAS call that is many times slower on a busy machine.
-def _luminance(image: np.ndarray) -> np.ndarray:
-    return _LUMA[0] * image[0] + _LUMA[1] * image[1] + _LUMA[2] * image[2]
-
-
-def _mix_channels(matrix: np.ndarray, image: np.ndarray) -> np.ndarray:
-    """[3, 3] @ [3, H, W] over the channel axis."""
-    red, green, blue = image
-    return np.stack([matrix[row, 0] * red + matrix[row, 1] * green + matrix[row, 2] * blue for row in range(3)])
-
-
-def _hue_matrix(turns: float) -> np.ndarray:
-    theta = 2.0 * math.pi * turns
-    cos, sin = math.cos(theta), math.sin(theta)
-    chroma_rotation = np.array([[1, 0, 0], [0, cos, -sin], [0, sin, cos]])
-    return (_YIQ_TO_RGB @ chroma_rotation @ _RGB_TO_YIQ).astype(np.float32)
+    return np.array([brightness, contrast, saturation, hue, *order], dtype=np.float32)
