@@ -9,7 +9,8 @@
 # Needs python3 with torch, numpy, pyyaml, pillow and tensorboardX (no Ray; the repository
 # root goes on PYTHONPATH). DEVICE=cpu runs the same steps on the CPU (a check of the
 # script; tests/test_benchmarks.py runs it so, at its smallest); TRAIN, VAL, EPOCHS,
-# BIG_EPOCHS, BIG_BATCH, BIG_SIZE and BIG_WORKERS size it; INPUT_ARGS goes to input_pipeline.py. About 2 minutes on one H200.
+# BIG_EPOCHS, BIG_BATCH, BIG_SIZE and BIG_WORKERS size it; INPUT_ARGS goes to
+# input_pipeline.py. About 2 minutes on one H200.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"

@@ -72,9 +72,11 @@ def our_input(batch: dict, device: torch.device) -> torch.Tensor:
                        None if jitter is None else jitter.to(device, non_blocking=True))
 
 
-def epoch(dataset: Dataset, to_input, device: torch.device, batch_size: int, workers: int) -> torch.Tensor:
-    """One pass as the engine's loader makes it; returns the first batch's model input."""
-    collate = collate_fn(device) if to_input is our_input else None
+def epoch(variant: tuple, device: torch.device, batch_size: int, workers: int) -> torch.Tensor:
+    """One pass as the engine's loader makes it; returns the first batch's model input.
+
+    variant: (dataset, the DataLoader's collate_fn or None for the default, batch -> model input)."""
+    dataset, collate, to_input = variant
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
                         collate_fn=collate, generator=torch.Generator().manual_seed(0))
     first = None
@@ -111,7 +113,8 @@ def main() -> None:
         cfg = load_config("ps_gat", [f"data.root={root}", f"data.image_size={image_size}"])
         dataset = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=0)
         dataset = Subset(dataset, range(min(images, len(dataset))))
-        variants = {"reference": (WorkerJitter(dataset), reference_input), "ours": (dataset, our_input)}
+        variants = {"reference": (WorkerJitter(dataset), None, reference_input),
+                    "ours": (dataset, collate_fn(device), our_input)}
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         print(f"input pipeline, ps_gat data ({image_size}x{image_size}, rotation, colour jitter "
               f"{cfg.data.color_jitter}), {len(dataset)} images per epoch, batch {batch_size}, {name}, "
@@ -124,11 +127,10 @@ def main() -> None:
         table.print_header()
         rates = {}
         for count in workers:
-            firsts = {key: epoch(data, to_input, device, batch_size, count) for key, (data, to_input) in variants.items()}
+            firsts = {key: epoch(variant, device, batch_size, count) for key, variant in variants.items()}
             torch.testing.assert_close(firsts["ours"], firsts["reference"], atol=2e-5, rtol=0)
-            times = interleaved({key: lambda data=data, to_input=to_input, count=count:
-                                 epoch(data, to_input, device, batch_size, count)
-                                 for key, (data, to_input) in variants.items()}, repeats, warmup=0)
+            times = interleaved({key: lambda variant=variant, count=count: epoch(variant, device, batch_size, count)
+                                 for key, variant in variants.items()}, repeats, warmup=0)
             rates = {key: len(dataset) / median(seconds) for key, seconds in times.items()}
             table.print_row(str(count), rates["reference"], rates["ours"], rates["ours"] / rates["reference"])
     print(summary_line("input_pipeline", ratio=rates["ours"] / rates["reference"], ours_img_s=f"{rates['ours']:.1f}",

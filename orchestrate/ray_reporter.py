@@ -20,7 +20,6 @@ Train restarted this run's worker group.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -42,15 +41,17 @@ def newer_checkpoint(from_ray: Path | None, engine_checkpoints: Path | None) -> 
     """The checkpoint to resume from: the newer by global step of Ray's registered one
     (`from_ray`, a local directory) and the newest valid one under `engine_checkpoints`.
     Ray's wins a tie; a corrupt one of Ray's loses to any valid engine checkpoint."""
-    engine = ckpt.latest_valid(engine_checkpoints) if engine_checkpoints is not None else None
-    if from_ray is None or engine is None:
-        return from_ray or engine
+    found = ckpt.latest_valid_meta(engine_checkpoints) if engine_checkpoints is not None else None
+    if found is None:
+        return from_ray
+    engine, engine_meta = found
+    if from_ray is None:
+        return engine
     try:
         ray_step = ckpt.read_meta(from_ray)["step"]
     except CheckpointError:
         return engine
-    engine_step = json.loads((engine / ckpt.META_FILE).read_text())["step"]  # latest_valid verified it
-    return engine if engine_step > ray_step else from_ray
+    return engine if engine_meta["step"] > ray_step else from_ray
 
 
 class RayReporter:

@@ -208,16 +208,22 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 def latest_valid(root: Path) -> Path | None:
     """The newest checkpoint under `root` that verifies; corrupt newer ones are skipped with a warning."""
+    found = latest_valid_meta(root)
+    return found[0] if found else None
+
+
+def latest_valid_meta(root: Path) -> tuple[Path, dict[str, Any]] | None:
+    """`latest_valid` and that checkpoint's verified meta, read once."""
     skipped: list[str] = []
     for path in reversed(list_checkpoints(root)):
         try:
-            read_meta(path)
+            meta = read_meta(path)
         except CheckpointError as exc:
             skipped.append(str(exc))
             continue
         for reason in skipped:
             log.warning("%s; using the previous checkpoint %s", reason, path.name)
-        return path
+        return path, meta
     for reason in skipped:
         log.warning("%s; no earlier checkpoint to fall back to", reason)
     return None

@@ -22,8 +22,11 @@ import torch
 from torch.utils.data import default_collate
 
 # ITU-R 601 luma, and RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane.
+# The inverse is taken once, here on the CPU: torch.linalg.inv on a GPU waits for the
+# device (it checks for singular input), and this runs in every training step.
 LUMA = (0.299, 0.587, 0.114)
 _RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+_YIQ_TO_RGB = torch.linalg.inv(torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)).tolist()
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # the steps, as `params[:, 4:]` orders them
 
 
@@ -110,9 +113,10 @@ def _color_jitter(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
 def _hue_matrices(turns: torch.Tensor) -> torch.Tensor:
     """[B] hue shifts in turns -> [B, 3, 3] RGB matrices: to YIQ, rotate (I, Q), back to RGB."""
     to_yiq = torch.tensor(_RGB_TO_YIQ, dtype=turns.dtype, device=turns.device)
+    to_rgb = torch.tensor(_YIQ_TO_RGB, dtype=turns.dtype, device=turns.device)
     theta = 2.0 * math.pi * turns
     rotation = torch.zeros(turns.shape[0], 3, 3, dtype=turns.dtype, device=turns.device)
     rotation[:, 0, 0] = 1.0
     rotation[:, 1, 1], rotation[:, 1, 2] = theta.cos(), -theta.sin()
     rotation[:, 2, 1], rotation[:, 2, 2] = theta.sin(), theta.cos()
-    return torch.linalg.inv(to_yiq) @ rotation @ to_yiq
+    return to_rgb @ rotation @ to_yiq

@@ -108,8 +108,6 @@ def _distinct_cells(marks_xy: np.ndarray, grid: int) -> int:
 
 # ----------------------------------------------------------------------------- colour
 
-JITTER_PARAMS = 8  # brightness, contrast, saturation factors, hue (turns), order of the four steps
-
 
 def sample_jitter(rng: np.random.Generator, strength: float) -> np.ndarray:
     """One sample's colour-jitter parameters, float32 [8]; `psdet.data.batch.color_jitter` applies them.
