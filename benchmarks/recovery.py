@@ -17,7 +17,7 @@ config whose loop holds no psdet (a sleep and an all_reduce per step, a one-file
 checkpoint per epoch): Ray's own floor, measured in the same run.
 The driver watches the stamp files and, three quarters into epochs 2, 4, ..., sends
 SIGKILL to one worker (rank 1, then rank 0). Ray Train restarts the worker group
-(`FailureConfig(max_failures)` of search_spaces/lr.yaml) and the loop resumes from the
+(`FailureConfig(max_failures)` of search_spaces/optimizer.yaml) and the loop resumes from the
 newer of the checkpoint Ray registered last and the engine's own newest one
 (orchestrate/ray_reporter.py). Per kill:
 - recovery: the kill to the first step a restarted worker completes, split into the kill
@@ -56,7 +56,7 @@ from common import (  # noqa: E402
 )
 
 NUM_CPUS = 2
-SPACE = ROOT / "search_spaces" / "lr.yaml"  # 2 workers x 0.5 CPU, worker_max_failures 2
+SPACE = ROOT / "search_spaces" / "optimizer.yaml"  # 2 workers x 0.5 CPU, worker_max_failures 2
 IMAGE_SIZE = 128
 BATCH_SIZE = 8  # global: 4 per worker
 WAIT_S = 300  # for any one event the driver waits on

@@ -3,7 +3,7 @@
     python benchmarks/sweep_overhead.py [--small]
 
 One local Ray (loopback only, 2 CPUs, started as orchestrate/tune.py starts one). Every
-trial has 2 Train workers of 0.5 CPU each (search_spaces/lr.yaml's resources).
+trial has 2 Train workers of 0.5 CPU each (search_spaces/optimizer.yaml's resources).
 
 1. Fixed cost per trial, with a no-op training loop (get the checkpoint to resume from,
    then one report: the place where the first step would run), interleaved rounds:
@@ -13,7 +13,10 @@ trial has 2 Train workers of 0.5 CPU each (search_spaces/lr.yaml's resources).
    - ours: a one-trial `Tuner` over a function trainable that builds the trial's trainer
      with `orchestrate.trial.build_trainer` (TuneReport callback, storage layout,
      failure and checkpoint config), the loop going through psdet.engine's reporter
-     (`orchestrate.ray_reporter.RayReporter`).
+     (`orchestrate.ray_reporter.RayReporter`);
+   - ours, 1 worker: the path of one-worker trials (search_spaces/lr.yaml): no trainer,
+     the loop runs in the Tune trial's own process (1 CPU) and reports through
+     `orchestrate.trial.TuneReporter`.
    Columns: fit() (Tuner.fit() for the Tune variants) to the first step (the last rank's),
    of which inside the training loop (its imports, getting the checkpoint), the last
    rank's report to fit() returning (teardown), and fit() in all. Stamps are wall-clock
@@ -59,7 +62,8 @@ from common import (  # noqa: E402
 
 NUM_CPUS = 2
 TRIAL_TIMEOUT_S = 600
-SPACE = ROOT / "search_spaces" / "lr.yaml"  # its resources: 2 workers x 0.5 CPU, driver 0.1 CPU
+SPACE = ROOT / "search_spaces" / "optimizer.yaml"  # its resources: 2 workers x 0.5 CPU, driver 0.1 CPU
+IN_PROCESS = "ours, 1 worker"
 
 
 # ----------------------------------------------------------------------------- worker loops (run in Ray workers)
@@ -91,6 +95,19 @@ def ours_noop_loop(loop_config: dict) -> None:
     first_step = time.time()
     reporter.report({"epoch": 1, "step": 1, "loss": 0.0}, None)
     write_stamp(loop_config["stamp_dir"], f"{loop_config['label']}.rank{_rank()}",
+                start=start, first_step=first_step, end=time.time())
+
+
+def ours_in_process_noop(params: dict, loop_config: dict) -> None:
+    """A one-worker trial's no-op: in the Tune trial process, as orchestrate.trial.train_in_process."""
+    start = time.time()
+    from orchestrate.trial import TuneReporter
+
+    reporter = TuneReporter(trial_dir=None)
+    reporter.latest_checkpoint()
+    first_step = time.time()
+    reporter.report({"epoch": 1, "step": 1, "loss": 0.0, "total_epochs": 1}, None)
+    write_stamp(loop_config["stamp_dir"], f"{loop_config['label']}.rank0",
                 start=start, first_step=first_step, end=time.time())
 
 
@@ -178,10 +195,11 @@ def bare_in_tune_trial(params: dict, loop_config: dict) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
-def tuner(function, work: "Workdir", name: str, num_samples: int = 1, callbacks=None, reuse_actors=False) -> None:
+def tuner(function, work: "Workdir", name: str, num_samples: int = 1, callbacks=None, reuse_actors=False,
+          trial_cpus: float | None = None) -> None:
     from orchestrate.space import load_space
 
-    run_tuner(function, work.storage, name, load_space(SPACE).resources.driver_cpus,
+    run_tuner(function, work.storage, name, trial_cpus or load_space(SPACE).resources.driver_cpus,
               TRIAL_TIMEOUT_S * num_samples, num_samples, callbacks, reuse_actors)
 
 
@@ -212,6 +230,8 @@ def fixed_cost(work: Workdir, variant: str, costs: dict[str, list[dict]]) -> Non
             bare_trainer(bare_noop_loop, loop_config, work.storage, label).fit()
     elif variant == "bare in Tune":
         tuner(tune.with_parameters(bare_in_tune_trial, loop_config=loop_config), work, label)
+    elif variant == IN_PROCESS:
+        tuner(tune.with_parameters(ours_in_process_noop, loop_config=loop_config), work, label, trial_cpus=1.0)
     else:
         setup = trial_setup(SPACE, str(Path(work.storage, label)))
         tuner(tune.with_parameters(ours_trial, setup=setup, loop=ours_noop_loop, loop_config=loop_config), work, label)
@@ -231,8 +251,9 @@ def bench_fixed_cost(work: Workdir, variants: list[str], rounds: int) -> dict[st
         fixed_cost(work, "bare", {"bare": []})
     interleaved({variant: (lambda variant=variant: fixed_cost(work, variant, costs)) for variant in variants},
                 repeats=rounds, warmup=0)
-    print(f"1. fixed cost of one no-op trial, 2 workers x 0.5 CPU, seconds; median of {rounds}")
-    table = Table(Column("variant", "<14"), Column("fit to first step", "17.1f"), Column("of it in loop", "13.2f"),
+    print(f"1. fixed cost of one no-op trial, seconds, median of {rounds}: 2 workers x 0.5 CPU "
+          f"(a TorchTrainer), or '{IN_PROCESS}' in the trial's process")
+    table = Table(Column("variant", "<15"), Column("fit to first step", "17.1f"), Column("of it in loop", "13.2f"),
                   Column("teardown", "9.1f"), Column("total", "7.1f"), Column("/ bare", "7.2f"))
     table.print_header()
     totals = {variant: median([c["total"] for c in costs[variant]]) for variant in variants}
@@ -351,7 +372,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="CI smoke test: fewest trials")
     args = parser.parse_args()
-    variants = ["bare", "ours"] if args.small else ["bare", "bare in Tune", "ours"]
+    variants = ["bare", "ours", IN_PROCESS] if args.small else ["bare", "bare in Tune", "ours", IN_PROCESS]
     rounds, sweep_trials = (1, 3) if args.small else (3, 10)
 
     import ray
@@ -368,7 +389,9 @@ def main() -> None:
     # Ray's floor: a bare trainer in a one-trial Tuner; ours against it is what our wrapper adds
     floor = {"floor_ratio": totals["bare in Tune"] / totals["bare"],
              "ours_vs_floor": totals["ours"] / totals["bare in Tune"]} if "bare in Tune" in totals else {}
-    print(summary_line("sweep_overhead", ratio=totals["ours"] / totals["bare"], **floor, report_ckpt_s=report_s,
+    print(summary_line("sweep_overhead", ratio=totals["ours"] / totals["bare"], **floor,
+                       trainer_trial_s=f"{totals['ours']:.1f}", in_process_trial_s=f"{totals[IN_PROCESS]:.1f}",
+                       report_ckpt_s=report_s,
                        report_pct_of_epoch=f"{report_pct:.1f}", rss_growth_pct=f"{growth:.1f}",
                        sweep_trial_s=f"{sweep_trial_s:.1f}"))
 

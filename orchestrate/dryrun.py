@@ -20,19 +20,15 @@ COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 
 
 def sample_params(spec: SweepSpec, count: int) -> list[dict[str, Any]]:
-    """The first `count` parameter sets a fresh sweep draws (same sampler, same seed)."""
+    """The first `count` parameter sets a fresh sweep draws: its own searcher (same
+    sampler, same seed, the baseline first) over a throwaway in-memory study."""
     import optuna
 
+    from orchestrate.search import build_searcher, strip_baseline
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=spec.experiment.seed),
-                                direction="maximize" if spec.experiment.mode == "max" else "minimize")
-    space = DefineByRun(spec.search)
-    samples = []
-    for _ in range(count):
-        trial = study.ask()
-        space(trial)
-        samples.append(dict(trial.params))
-    return samples
+    searcher = build_searcher(spec, optuna.storages.InMemoryStorage())
+    return [strip_baseline(searcher.suggest(f"preview{index}"))[0] for index in range(count)]
 
 
 def steps_per_epoch(num_train_images: int, batch_size: int, workers: int) -> int:
@@ -138,7 +134,8 @@ def report(spec: SweepSpec, *, cluster: str, nodes: list[dict[str, float]], use_
            num_train_images: int, data_note: str, plot: Path | None = None, samples: int = 3) -> str:
     """The whole dry-run text (and the PNG when `plot` is given)."""
     r = spec.resources
-    per_trial_cpu = r.driver_cpus + r.workers * r.cpus_per_worker
+    in_process = r.workers == 1
+    per_trial_cpu = (0 if in_process else r.driver_cpus) + r.workers * r.cpus_per_worker
     per_trial_gpu = r.workers * r.gpus_per_worker if use_gpu else 0
     at_once = min(fit, spec.experiment.max_concurrent)
     totals = {key: sum(node.get(key, 0) for node in nodes) for key in ("CPU", "GPU")}
@@ -153,7 +150,9 @@ def report(spec: SweepSpec, *, cluster: str, nodes: list[dict[str, float]], use_
         f"  time budget {spec.experiment.time_budget_s:g} s" if spec.experiment.time_budget_s else "  no time budget",
         "",
         "resources",
-        f"  one trial: {per_trial_cpu:g} CPU ({r.driver_cpus:g} driver + {r.workers} workers x {r.cpus_per_worker:g})"
+        (f"  one trial: {per_trial_cpu:g} CPU, one worker in the trial's own process (no TorchTrainer)"
+         if in_process else
+         f"  one trial: {per_trial_cpu:g} CPU ({r.driver_cpus:g} driver + {r.workers} workers x {r.cpus_per_worker:g})")
         + (f", {per_trial_gpu:g} GPU" if use_gpu else ", no GPU"),
         f"  {cluster}: {len(nodes)} node(s), {totals['CPU']:g} CPU, {totals['GPU']:g} GPU",
         f"  {fit} trial(s) fit at once; the sweep runs {at_once} at a time (max_concurrent "
@@ -179,8 +178,9 @@ def count_training_images(data_root: Path, train_split: str) -> int:
 
 
 def trials_that_fit(spec: SweepSpec, use_gpu: bool, nodes: list[dict[str, float]], limit: int = 1000) -> int:
-    """How many trials can hold their resources at once: each places its driver and its
-    workers' bundles (which may spread over nodes) greedily on what is left."""
+    """How many trials can hold their resources at once: each places its driver (none for a
+    one-worker trial, which trains in its own process) and its workers' bundles (which may
+    spread over nodes) greedily on what is left."""
     r = spec.resources
     free = [dict(node) for node in nodes]
     worker_bundle = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
@@ -197,7 +197,7 @@ def trials_that_fit(spec: SweepSpec, use_gpu: bool, nodes: list[dict[str, float]
     count = 0
     while count < limit:
         trial_pool = [dict(node) for node in free]
-        if not place({"CPU": r.driver_cpus}, trial_pool):
+        if r.workers > 1 and not place({"CPU": r.driver_cpus}, trial_pool):  # one worker: no separate driver
             break
         if not all(place(worker_bundle, trial_pool) for _ in range(r.workers)):
             break

@@ -31,9 +31,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from psdet import checkpoint as ckpt
 from psdet.errors import CheckpointError
+from psdet.reporting import TOTAL_EPOCHS  # noqa: F401 - re-exported for the benchmarks
 
 WORKER_RESTARTS = "worker_restarts"
-TOTAL_EPOCHS = "total_epochs"
 FROM_RAY = "ray"  # rank 0's choice, broadcast: resume from Ray's registered checkpoint
 
 

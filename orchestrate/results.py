@@ -27,17 +27,16 @@ import pyarrow.parquet as pq
 from ray import tune
 
 from orchestrate import storage
-from orchestrate.ray_reporter import TOTAL_EPOCHS, WORKER_RESTARTS
+from orchestrate.ray_reporter import WORKER_RESTARTS
+from orchestrate.search import strip_baseline
 from orchestrate.space import SweepSpec, trial_config
 from psdet.config import dump_yaml
+from psdet.reporting import ENGINE_SECONDS, REPORTED, TOTAL_EPOCHS
 
 LEDGER = "trials.json"
 RESULTS = "results.parquet"
 BEST_CONFIG = "best_config.yaml"
 BEST_CHECKPOINT = "best_checkpoint.txt"
-# What the engine reports (docs/CONTRACTS.md), plus what the sweep adds.
-REPORTED = ("epoch", "step", "loss", "loss_point", "loss_edge", "lr", "point_precision", "point_recall",
-            "point_ap", "slot_precision", "slot_recall", "slot_ap", "restarts", "images_per_s")
 STATUS_ORDER = {"completed": 0, "pruned": 1, "running": 2, "pending": 2, "errored": 3}
 FINISHED = ("completed", "pruned")
 
@@ -50,12 +49,16 @@ def _better(mode: str, a: float, b: float | None) -> bool:
 
 class TrialLedger(tune.Callback):
     """One record per trial, kept in `<experiment>/trials.json` and echoed as progress lines
-    (each printed after the record is on disk)."""
+    (each printed after the record is on disk).
 
-    def __init__(self, experiment_uri: str, metric: str, mode: str) -> None:
+    `in_process`: one-worker trials, whose process is their worker, so that a Tune retry
+    of the trial is what counts as a worker restart."""
+
+    def __init__(self, experiment_uri: str, metric: str, mode: str, in_process: bool = False) -> None:
         self.experiment_uri = experiment_uri
         self.metric = metric
         self.mode = mode
+        self.in_process = in_process
         self.records: dict[str, dict[str, Any]] = {}
         self._session_start: dict[str, float] = {}
 
@@ -86,6 +89,7 @@ class TrialLedger(tune.Callback):
         record["epochs"] = int(metrics["epoch"])
         record["total_epochs"] = int(result.get(TOTAL_EPOCHS, record["total_epochs"] or 0)) or None
         record["restarts"] = int(metrics.get("restarts", 0))
+        record["engine_s"] = record.get("engine_s", 0.0) + sum(metrics.get(key, 0.0) for key in ENGINE_SECONDS)
         # TuneReport counts per trainer; a resumed driver starts a new one on top of the old count.
         record["worker_restarts"] = max(record["worker_restarts"],
                                         record["worker_restarts_base"] + int(result.get(WORKER_RESTARTS, 0)))
@@ -98,6 +102,21 @@ class TrialLedger(tune.Callback):
         self._save()
         print(f"trial {trial.trial_id} epoch {record['epochs']}/{record['total_epochs']}: "
               f"{self.metric} {_fmt(value)}, loss {_fmt(metrics.get('loss'))}", flush=True)
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
+        if self.in_process:  # the checkpoint Tune kept of a one-worker trial's report
+            record = self._record(trial)
+            record["checkpoint"] = storage.display(self.experiment_uri, checkpoint.path)
+            self._save()
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        record = self._record(trial)
+        if self.in_process:
+            record["worker_restarts"] += 1
+        self._tick(trial, record)
+        self._save()
+        print(f"trial {trial.trial_id} failed after {record['epochs']} epochs; retrying from its checkpoint",
+              flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         record = self._record(trial)
@@ -127,11 +146,12 @@ class TrialLedger(tune.Callback):
 
     def _record(self, trial) -> dict[str, Any]:
         if trial.trial_id not in self.records:
+            params, baseline = strip_baseline(trial.config)
             self.records[trial.trial_id] = {
-                "trial_id": trial.trial_id, "params": dict(trial.config), "status": "pending",
+                "trial_id": trial.trial_id, "params": params, "baseline": baseline, "status": "pending",
                 "epochs": 0, "total_epochs": None, "final": {}, "best": {}, "checkpoint": None,
                 "restarts": 0, "worker_restarts": 0, "worker_restarts_base": 0,
-                "wall_time_s": 0.0, "wall_base_s": 0.0, "error": None,
+                "wall_time_s": 0.0, "wall_base_s": 0.0, "engine_s": 0.0, "error": None,
             }
         return self.records[trial.trial_id]
 
@@ -190,10 +210,12 @@ def rows(records: dict[str, dict[str, Any]], metric: str, mode: str) -> list[dic
     kept = {tid: record for tid, record in records.items() if record["status"] != "abandoned"}
     for rank, record in enumerate(ranked(kept, metric, mode), start=1):
         row = {
-            "rank": rank, "trial_id": record["trial_id"], "status": record["status"],
+            "rank": rank, "trial_id": record["trial_id"], "baseline": bool(record.get("baseline", False)),
+            "status": record["status"],
             "epochs": record["epochs"], "total_epochs": record["total_epochs"],
             "restarts": record["restarts"], "worker_restarts": record["worker_restarts"],
-            "wall_time_s": round(record["wall_time_s"], 3), "checkpoint": record["checkpoint"],
+            "wall_time_s": round(record["wall_time_s"], 3), "engine_s": round(record.get("engine_s", 0.0), 3),
+            "checkpoint": record["checkpoint"],
             "error": record["error"],
         }
         row.update(record["params"])
@@ -223,27 +245,68 @@ def leaderboard(table_rows: list[dict[str, Any]], spec: SweepSpec, limit: int = 
     metric = spec.experiment.metric
     param_keys = [p.key for p in spec.search]
     header = ["#", "trial", "status", "epochs", f"final {metric}", f"best {metric}", "restarts", "wall s",
-              *param_keys]
+              *param_keys, ""]
     lines = []
     for row in table_rows[:limit]:
         lines.append([
             str(row["rank"]), row["trial_id"], row["status"], f"{row['epochs']}/{row['total_epochs'] or '?'}",
             _fmt(row.get(f"final_{metric}")), _fmt(row.get(f"best_{metric}")),
             f"{row['restarts']}/{row['worker_restarts']}", f"{row['wall_time_s']:.0f}",
-            *[_fmt(row.get(key)) for key in param_keys],
+            *[_fmt(row.get(key)) for key in param_keys], "<- baseline" if row.get("baseline") else "",
         ])
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
-    render = ["  ".join(cell.ljust(w) for cell, w in zip(header, widths))]
-    render += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]
+    render = ["  ".join(cell.ljust(w) for cell, w in zip(header, widths)).rstrip()]
+    render += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
     if len(table_rows) > limit:
         render.append(f"... and {len(table_rows) - limit} more in {RESULTS}")
     return "\n".join(render)
 
 
+def goodput(engine_s: float, wall_s: float, slots: int) -> float:
+    """The share of the sweep's trial slots spent in the engine's training and evaluation:
+    engine seconds over (wall seconds x concurrent trial slots)."""
+    return engine_s / max(wall_s * slots, 1e-9)
+
+
+def sweep_summary(table_rows: list[dict[str, Any]], spec: SweepSpec,
+                  session: dict[str, float] | None = None) -> list[str]:
+    """The leaderboard's last lines: the best trial against the baseline, the epochs spent
+    against a sweep without early stopping, and (given this driver's `session`: wall_s,
+    engine_s, slots) the goodput."""
+    metric = spec.experiment.metric
+    lines = []
+    best = next((row for row in table_rows if row["status"] == "completed"), None)
+    baseline = next((row for row in table_rows if row.get("baseline")), None)
+    if best is not None and baseline is not None:
+        base_value = baseline.get(f"final_{metric}" if baseline["status"] == "completed" else f"best_{metric}")
+        best_value = best.get(f"final_{metric}")
+        if base_value is not None and best_value is not None:
+            how = "" if baseline["status"] == "completed" else f", {baseline['status']} after {baseline['epochs']} epochs"
+            lines.append(f"best against baseline: trial {best['trial_id']} {metric} {best_value:.4f}, baseline "
+                         f"{baseline['trial_id']} {base_value:.4f}{how} (delta {best_value - base_value:+.4f})")
+    elif best is not None:
+        lines.append(f"best against baseline: no baseline trial in this sweep (experiment.baseline is off)")
+    spent = sum(row["epochs"] for row in table_rows)
+    planned = sum(row["total_epochs"] or spec.max_epochs for row in table_rows)
+    stopped = sum(row["status"] == "pruned" for row in table_rows)
+    lines.append(f"epochs: {spent} spent, against {planned} without early stopping ({planned - spent} saved, "
+                 f"{(planned - spent) / max(planned, 1):.0%}); {stopped} of {len(table_rows)} trials stopped early")
+    if session is not None:
+        share = goodput(session["engine_s"], session["wall_s"], int(session["slots"]))
+        lines.append(f"goodput: {share:.0%} ({session['engine_s']:.0f} s of engine training + evaluation over "
+                     f"{session['wall_s']:.0f} s wall x {int(session['slots'])} trial slots)")
+    return lines
+
+
+def engine_seconds(records: dict[str, dict[str, Any]]) -> float:
+    return sum(record.get("engine_s", 0.0) for record in records.values())
+
+
 def write_results(spec: SweepSpec, experiment_uri: str, data_root: str,
-                  records: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Write results.parquet, best_config.yaml and best_checkpoint.txt; print the leaderboard.
-    Returns {"rows", "best" (row or None), "paths"}."""
+                  records: dict[str, dict[str, Any]] | None = None,
+                  session: dict[str, float] | None = None) -> dict[str, Any]:
+    """Write results.parquet, best_config.yaml and best_checkpoint.txt; print the leaderboard,
+    ending with `sweep_summary`. Returns {"rows", "best" (row or None), "paths", "summary"}."""
     if records is None:
         records = read_ledger(experiment_uri)
     metric, mode = spec.experiment.metric, spec.experiment.mode
@@ -272,4 +335,6 @@ def write_results(spec: SweepSpec, experiment_uri: str, data_root: str,
         print(f"best config      {paths['best_config']}  (psdet train -c {paths['best_config']})")
         print(f"best checkpoint  {best['checkpoint']}")
     print(f"results          {paths['results']}")
-    return {"rows": table_rows, "best": best, "paths": paths}
+    summary = sweep_summary(table_rows, spec, session)
+    print("\n".join(summary))
+    return {"rows": table_rows, "best": best, "paths": paths, "summary": summary}

@@ -1,38 +1,51 @@
-"""The searcher: Ray's OptunaSearch, made honest about early-stopped trials and restarts.
+"""The searcher: Optuna's ask-and-tell interface as a Ray Tune `Searcher`.
 
-Ray's stock `OptunaSearch` tells Optuna that a trial ASHA stopped is COMPLETE with its
-last score, keys intermediate values by `training_iteration` (which restarts at 0 after
-a driver restore) and forgets trials asked for just before a driver died. TPE then
-learns from truncated runs as if they had finished. `SweepSearch` fixes each of these:
+Only Optuna's public API is used (`create_study`, `enqueue_trial`, `ask`, `tell`,
+`Trial.report`, `Study.get_trials`), and none of Ray's `OptunaSearch` internals. It differs
+from Ray's `OptunaSearch` where that one misleads TPE:
 
-- intermediate values are keyed by the reported `epoch`, each epoch reported once;
+- intermediate values are keyed by the reported `epoch`, each epoch reported once (Ray's
+  `training_iteration` restarts at 0 after a driver restore);
 - a trial that ends before its planned epochs (reported as `total_epochs`) without an
   error is told PRUNED (Optuna keeps its last intermediate value), an errored one FAIL,
-  and only a trial that ran all its epochs COMPLETE;
-- every Optuna trial carries its Tune trial id (`user_attrs["tune_trial_id"]`);
-- on restore, Optuna trials left RUNNING by a dead driver and never seen by Tune are
-  told FAIL, and an errored trial (which `--resume` runs again) gets a fresh Optuna
-  trial with the same parameters (a finished Optuna trial cannot be reopened).
+  and only a trial that ran all its epochs COMPLETE (Ray's tells a stopped trial COMPLETE
+  with its last, truncated score);
+- the first trial of a new study is the baseline, the base config's own values
+  (`experiment.baseline`), enqueued and marked with `user_attrs["baseline"]`;
+- every Optuna trial carries its Tune trial id (`user_attrs["tune_trial_id"]`).
+
+State across a driver restart: the study itself (journal or RDB) plus, in the searcher's
+checkpoint, which Optuna trial number each Tune trial is. On restore, Optuna trials left
+RUNNING by a dead driver and never seen by Tune are told FAIL; a Tune trial that will run
+on (it was running, or it errored and `--resume` runs it again) gets a fresh Optuna
+trial with the same parameters and the intermediate values already reported
+(`user_attrs["continues"]` or `["retry_of"]` names the old one, which is told FAIL: a
+finished Optuna trial cannot be reopened, and Optuna offers no public way to report to a
+trial another process asked for).
 """
 from __future__ import annotations
 
 import logging
 import math
+import pickle
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 from ray import tune
-from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search import Searcher
 
 from orchestrate import storage
-from orchestrate.ray_reporter import TOTAL_EPOCHS
-from orchestrate.space import DefineByRun, SweepSpec
+from orchestrate.space import DefineByRun, SweepSpec, baseline_params
+from psdet.reporting import TOTAL_EPOCHS
 
 log = logging.getLogger(__name__)
 
 TUNE_TRIAL_ID = "tune_trial_id"
+BASELINE = "baseline"  # user attr of the baseline's Optuna trial, and a flag in its Tune config
 ERRORED = "errored"  # user attr of a trial told FAIL because its Tune trial errored
 EPOCH = "epoch"
 
@@ -47,91 +60,162 @@ def optuna_storage(url_or_path: str) -> optuna.storages.BaseStorage:
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
 
 
-def build_searcher(spec: SweepSpec, storage: optuna.storages.BaseStorage) -> "SweepSearch":
+def build_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
+    """The space's `sampler` section as an Optuna sampler, seeded by `experiment.seed`."""
+    settings, seed = spec.sampler, spec.experiment.seed
+    if settings.type == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    with warnings.catch_warnings():  # multivariate, group and constant_liar are "experimental" in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.n_startup_trials,
+                                      multivariate=settings.multivariate, group=settings.group,
+                                          constant_liar=settings.constant_liar)
+
+
+def build_searcher(spec: SweepSpec, study_storage: optuna.storages.BaseStorage) -> "SweepSearch":
     return SweepSearch(
         space=DefineByRun(spec.search),
         metric=spec.experiment.metric,
         mode=spec.experiment.mode,
-        sampler=optuna.samplers.TPESampler(seed=spec.experiment.seed),
+        sampler=build_sampler(spec),
         study_name=spec.name,
-        storage=storage,
+        study_storage=study_storage,
+        baseline=baseline_params(spec) if spec.experiment.baseline else None,
     )
 
 
-class SweepSearch(OptunaSearch):
-    """OptunaSearch that records ASHA-stopped trials as PRUNED, with intermediate values by epoch."""
+def strip_baseline(config: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """(the trial's config keys, whether it is the baseline) from a Tune trial config."""
+    params = {key: value for key, value in config.items() if key != BASELINE}
+    return params, bool(config.get(BASELINE, False))
 
-    def suggest(self, trial_id: str) -> dict | None:
-        config = super().suggest(trial_id)
-        if config is not None:
-            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID, trial_id)
+
+class SweepSearch(Searcher):
+    """A Tune searcher over one persistent Optuna study, asked and told per trial."""
+
+    def __init__(self, space: DefineByRun, metric: str, mode: str, sampler: optuna.samplers.BaseSampler,
+                 study_name: str, study_storage: optuna.storages.BaseStorage,
+                 baseline: dict[str, Any] | None = None) -> None:
+        super().__init__(metric=metric, mode=mode)
+        self.space = space
+        self.sampler = sampler
+        self.study_name = study_name
+        self.study_storage = study_storage
+        self.baseline = baseline
+        self.study = self._open_study()
+        self.running: dict[str, optuna.Trial] = {}  # Tune trial id -> its Optuna trial, until told
+        self.numbers: dict[str, int] = {}  # Tune trial id -> its (latest) Optuna trial number
+        self.reported: dict[str, set[int]] = {}  # epochs already reported per running trial
+
+    def _open_study(self) -> optuna.Study:
+        return optuna.create_study(study_name=self.study_name, storage=self.study_storage, sampler=self.sampler,
+                                   direction="maximize" if self.mode == "max" else "minimize", load_if_exists=True)
+
+    # The study is reopened from its storage after unpickling (Tune pickles the searcher
+    # with the Tuner); running trials are rebuilt by `restore`.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(study=None, running={})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.study = self._open_study()
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec) -> bool:
+        return True  # metric and mode come from the space file
+
+    # -- asking
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self.baseline is not None and not self.study.get_trials(deepcopy=False):
+            self.study.enqueue_trial(self.baseline, user_attrs={BASELINE: True})
+        ot_trial = self._ask(user_attrs={TUNE_TRIAL_ID: trial_id})
+        self._track(trial_id, ot_trial, reported=set())
+        config = dict(ot_trial.params)
+        if ot_trial.user_attrs.get(BASELINE):
+            config[BASELINE] = True
         return config
 
+    def _ask(self, user_attrs: dict[str, Any]) -> optuna.Trial:
+        ot_trial = self.study.ask()
+        self.space(ot_trial)  # define-by-run: an enqueued trial takes its fixed values here
+        for key, value in user_attrs.items():
+            ot_trial.set_user_attr(key, value)
+        return ot_trial
+
+    def _track(self, trial_id: str, ot_trial: optuna.Trial, reported: set[int]) -> None:
+        self.running[trial_id] = ot_trial
+        self.numbers[trial_id] = ot_trial.number
+        self.reported[trial_id] = reported
+
+    # -- telling
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-            return
-        self._report(trial_id, result)
+        if trial_id in self.running:
+            self._report(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-            return
-        self._completed_trials.add(trial_id)
-        ot_trial = self._ot_trials[trial_id]
-        if self._frozen(ot_trial.number).state.is_finished():
-            return  # told before the driver restarted
+        ot_trial = self.running.pop(trial_id, None)
+        if ot_trial is None:
+            return  # told before the driver restarted, or never asked here
         value = (result or {}).get(self.metric)
         if error or value is None or not math.isfinite(float(value)):
             state, told = TrialState.FAIL, None
             if error:
                 ot_trial.set_user_attr(ERRORED, True)
         else:
-            self._report(trial_id, result)
+            self._report(trial_id, result, ot_trial)
             planned = result.get(TOTAL_EPOCHS)
             finished = planned is None or result.get(EPOCH, 0) >= planned
             state, told = (TrialState.COMPLETE, float(value)) if finished else (TrialState.PRUNED, None)
         try:
-            self._ot_study.tell(ot_trial, told, state=state)
+            self.study.tell(ot_trial, told, state=state)
         except Exception as exc:  # noqa: BLE001 - one bad trial must not stop the sweep
             log.warning("could not record trial %s in Optuna: %s", trial_id, exc)
 
-    def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
-        known = {ot_trial.number for ot_trial in self._ot_trials.values()}
-        for frozen in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if frozen.number not in known:
-                log.info("Optuna trial %d was asked for by a driver that died before Tune kept it: FAIL",
-                         frozen.number)
-                self._ot_study.tell(frozen.number, state=TrialState.FAIL)
-        for trial_id, ot_trial in list(self._ot_trials.items()):
-            frozen = self._frozen(ot_trial.number)
-            if frozen.state == TrialState.FAIL and frozen.user_attrs.get(ERRORED):
-                self._reopen(trial_id, frozen)  # resume_errored=True runs it again
-
-    def _reopen(self, trial_id: str, frozen: optuna.trial.FrozenTrial) -> None:
-        """A fresh Optuna trial with `frozen`'s parameters for a Tune trial that will run again."""
-        self._ot_study.enqueue_trial(frozen.params, user_attrs={"retry_of": frozen.number})
-        ot_trial = self._ot_study.ask()
-        self._space(ot_trial)  # the define-by-run space takes the enqueued values
-        ot_trial.set_user_attr(TUNE_TRIAL_ID, trial_id)
-        self._ot_trials[trial_id] = ot_trial
-        self._completed_trials.discard(trial_id)
-
-    def _report(self, trial_id: str, result: dict) -> None:
+    def _report(self, trial_id: str, result: dict, ot_trial: optuna.Trial | None = None) -> None:
         value, epoch = result.get(self.metric), result.get(EPOCH)
         if value is None or epoch is None or not math.isfinite(float(value)):
             return
-        frozen = self._frozen(self._ot_trials[trial_id].number)
-        if frozen.state.is_finished():  # told before a driver restart: Optuna's record stands
-            self._completed_trials.add(trial_id)
-            return
-        if int(epoch) not in frozen.intermediate_values:
-            self._ot_trials[trial_id].report(float(value), int(epoch))
+        if int(epoch) not in self.reported[trial_id]:
+            (ot_trial or self.running[trial_id]).report(float(value), int(epoch))
+            self.reported[trial_id].add(int(epoch))
 
-    def _frozen(self, number: int) -> optuna.trial.FrozenTrial:
-        for frozen in self._ot_study.get_trials(deepcopy=False):
-            if frozen.number == number:
-                return frozen
-        raise KeyError(f"Optuna trial {number} is not in study {self._ot_study.study_name}")
+    # -- a driver restart
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as handle:
+            pickle.dump({"numbers": self.numbers, "running": sorted(self.running)}, handle)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as handle:
+            saved = pickle.load(handle)
+        self.numbers = dict(saved["numbers"])
+        self.running, self.reported = {}, {}
+        by_number = {frozen.number: frozen for frozen in self.study.get_trials(deepcopy=False)}
+        known = set(self.numbers.values())
+        for number, frozen in by_number.items():
+            if frozen.state == TrialState.RUNNING and number not in known:
+                log.info("Optuna trial %d was asked for by a driver that died before Tune kept it: FAIL", number)
+                self.study.tell(number, state=TrialState.FAIL)
+        for trial_id, number in self.numbers.items():
+            frozen = by_number[number]
+            if frozen.state == TrialState.RUNNING:
+                self.study.tell(number, state=TrialState.FAIL)
+                self._continue(trial_id, frozen, "continues")
+            elif frozen.state == TrialState.FAIL and frozen.user_attrs.get(ERRORED):
+                self._continue(trial_id, frozen, "retry_of")  # resume_errored=True runs it again
+
+    def _continue(self, trial_id: str, frozen: optuna.trial.FrozenTrial, link: str) -> None:
+        """A fresh Optuna trial with `frozen`'s parameters and intermediate values, for a
+        Tune trial that runs on."""
+        attrs = {key: value for key, value in frozen.user_attrs.items() if key in (BASELINE, TUNE_TRIAL_ID)}
+        self.study.enqueue_trial(frozen.params, user_attrs={**attrs, link: frozen.number})
+        ot_trial = self._ask(user_attrs={TUNE_TRIAL_ID: trial_id})
+        for epoch, value in sorted(frozen.intermediate_values.items()):
+            ot_trial.report(value, epoch)
+        self._track(trial_id, ot_trial, reported=set(frozen.intermediate_values))
 
 
 class JournalMirror(tune.Callback):

@@ -2,8 +2,9 @@
 
 A space file has five sections (documented with examples in search_spaces/README.md):
 
-    experiment:       base config, fixed overrides, metric, mode, budget, seed
+    experiment:       base config, fixed overrides, metric, mode, budget, seed, baseline trial
     search:           dotted config key -> {type: loguniform|uniform|int|choice, ..., when: {...}}
+    sampler:          Optuna's TPE (startup trials, multivariate, group, constant liar) or random
     scheduler:        asha or none
     resources:        workers per trial, GPUs, CPUs
     fault_tolerance:  worker and trial retries, checkpoints kept
@@ -34,12 +35,12 @@ from psdet.config import (
     yaml_number,
 )
 from psdet.errors import ConfigError
+from psdet.reporting import EVAL_METRICS, LOSS_TERMS
 
 # What the engine reports once per evaluation (docs/CONTRACTS.md) and can be optimised.
-METRICS = ("slot_ap", "point_ap", "slot_precision", "slot_recall", "point_precision", "point_recall",
-           "loss", "loss_point", "loss_edge")
+METRICS = (*EVAL_METRICS, *LOSS_TERMS)
 PARAM_TYPES = ("loguniform", "uniform", "int", "choice")
-SECTIONS = ("experiment", "search", "scheduler", "resources", "fault_tolerance")
+SECTIONS = ("experiment", "search", "sampler", "scheduler", "resources", "fault_tolerance")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,19 @@ class Experiment:
     max_concurrent: int = 1
     time_budget_s: float | None = None
     synthetic_data: SyntheticData = field(default_factory=SyntheticData)
+    baseline: bool = True  # the first trial runs the base config's own value of every searched key
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """How Optuna proposes the next trial. `tpe` draws `n_startup_trials` at random, then
+    models good and bad trials; `random` never stops drawing at random."""
+
+    type: Literal["tpe", "random"] = "tpe"
+    n_startup_trials: int = 10  # Optuna's default; a 12-trial sweep wants fewer
+    multivariate: bool = False  # one joint density over the parameters instead of one each
+    group: bool = False  # with multivariate: separate densities per set of co-occurring (conditional) parameters
+    constant_liar: bool = False  # running trials count as bad, so concurrent trials spread out
 
 
 @dataclass(frozen=True)
@@ -133,6 +147,7 @@ class SweepSpec:
     experiment: Experiment
     overrides: dict[str, Any]
     search: tuple[Param, ...]
+    sampler: Sampler
     scheduler: Scheduler
     resources: Resources
     fault_tolerance: FaultTolerance
@@ -161,6 +176,27 @@ class DefineByRun:
         for param in self.params:
             if param.active(chosen):
                 chosen[param.key] = param.suggest(trial)
+
+
+def baseline_params(spec: SweepSpec) -> dict[str, Any]:
+    """The base config's own value of every searched key that is active for those values:
+    the first trial of a sweep, so that every sweep says how much it improved on it.
+    ConfigError (file and key) if one lies outside its searched range or choices."""
+    chosen: dict[str, Any] = {}
+    for param in spec.search:
+        if not param.active(chosen):
+            continue
+        node: Any = spec.base_tree
+        for part in param.key.split("."):
+            node = node[part]
+        inside = node in param.values if param.type == "choice" else param.low <= node <= param.high
+        if not inside:
+            searched = list(param.values) if param.type == "choice" else f"[{param.low:g}, {param.high:g}]"
+            raise ConfigError(f"{spec.path}: 'search.{param.key}': the base config's value {node!r} is outside "
+                              f"{searched}, so it cannot be the baseline trial; widen the range or set "
+                              "'experiment.baseline: false'")
+        chosen[param.key] = node
+    return chosen
 
 
 def trial_config(spec: SweepSpec, params: dict[str, Any], data_root: str | None = None) -> Config:
@@ -196,10 +232,12 @@ def load_space(path: str | Path) -> SweepSpec:
     if not isinstance(overrides, dict):
         raise ConfigError(f"{where}: 'experiment.overrides' must be a mapping of dotted config keys, got {overrides!r}")
     experiment = build_dataclass(Experiment, experiment_raw, {}, "experiment.", where)
+    sampler = build_dataclass(Sampler, raw.get("sampler") or {}, {}, "sampler.", where)
     scheduler = build_dataclass(Scheduler, raw.get("scheduler") or {}, {}, "scheduler.", where)
     resources = build_dataclass(Resources, raw.get("resources") or {}, {}, "resources.", where)
     fault_tolerance = build_dataclass(FaultTolerance, raw.get("fault_tolerance") or {}, {}, "fault_tolerance.", where)
     _check_ranges(where, experiment, scheduler, resources, fault_tolerance)
+    _check_sampler(where, sampler)
 
     base_tree = _base_tree(where, path, experiment.base_config, overrides)
     search = _parse_search(where, raw["search"], overrides, base_tree)
@@ -209,6 +247,7 @@ def load_space(path: str | Path) -> SweepSpec:
         experiment=experiment,
         overrides=dict(overrides),
         search=search,
+        sampler=sampler,
         scheduler=scheduler,
         resources=resources,
         fault_tolerance=fault_tolerance,
@@ -217,6 +256,8 @@ def load_space(path: str | Path) -> SweepSpec:
     if scheduler.type == "asha" and scheduler.grace_period > spec.max_epochs:
         raise ConfigError(f"{where}: 'scheduler.grace_period' ({scheduler.grace_period}) is longer than "
                           f"a trial ({spec.max_epochs} epochs)")
+    if experiment.baseline:
+        baseline_params(spec)  # the base config's values must lie inside the searched ranges
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", spec.name):
         raise ConfigError(f"{where}: 'experiment.name' {spec.name!r} must be letters, digits, '_', '-' or '.'")
     return spec
@@ -271,6 +312,16 @@ def _check_ranges(where: str, experiment: Experiment, scheduler: Scheduler, reso
             fail(f"fault_tolerance.{key}", f"must be >= 0, or -1 for unlimited, got {getattr(fault_tolerance, key)}")
     if fault_tolerance.checkpoints_kept < 1:
         fail("fault_tolerance.checkpoints_kept", f"must be >= 1, got {fault_tolerance.checkpoints_kept}")
+
+
+def _check_sampler(where: str, sampler: Sampler) -> None:
+    if sampler.n_startup_trials < 0:
+        raise ConfigError(f"{where}: 'sampler.n_startup_trials' must be >= 0, got {sampler.n_startup_trials}")
+    if sampler.group and not sampler.multivariate:
+        raise ConfigError(f"{where}: 'sampler.group' needs 'sampler.multivariate: true' (Optuna's TPE)")
+    if sampler.type == "random" and (sampler.multivariate or sampler.group or sampler.constant_liar):
+        raise ConfigError(f"{where}: 'sampler.type' random takes no TPE settings "
+                          "(multivariate, group, constant_liar)")
 
 
 _PREFIX = re.compile(r"^(override|\S+\.ya?ml): ")
@@ -454,6 +505,13 @@ def _check_against_config(where: str, param: Param, params: list[Param], base_tr
                               f"{_strip_source(str(exc)).removeprefix('search: ')}") from None
 
 
+def _describe_sampler(sampler: Sampler) -> str:
+    if sampler.type == "random":
+        return "random"
+    flags = [name for name in ("multivariate", "group", "constant_liar") if getattr(sampler, name)]
+    return f"TPE, {sampler.n_startup_trials} random startup trials" + (f", {', '.join(flags)}" if flags else "")
+
+
 def describe_space(spec: SweepSpec) -> str:
     """The validated space as a short, human-readable block."""
     e, s, r, f = spec.experiment, spec.scheduler, spec.resources, spec.fault_tolerance
@@ -461,14 +519,17 @@ def describe_space(spec: SweepSpec) -> str:
         f"sweep '{spec.name}' from {spec.path}",
         f"  base config   {e.base_config}" + (f"  + {spec.overrides}" if spec.overrides else ""),
         f"  objective     {e.mode} {e.metric}, {e.num_samples} trials, {e.max_concurrent} at a time, "
-        f"TPE seed {e.seed}" + (f", time budget {e.time_budget_s:g} s" if e.time_budget_s else ""),
+        f"seed {e.seed}" + (f", time budget {e.time_budget_s:g} s" if e.time_budget_s else "")
+        + (", first trial = the base config's values" if e.baseline else ""),
+        f"  sampler       {_describe_sampler(spec.sampler)}",
         "  search",
         *[f"    {p.key:<28} {p.describe()}" for p in spec.search],
         f"  scheduler     {s.type}" + (f" (grace {s.grace_period} epochs, reduction {s.reduction_factor:g}, "
                                        f"max {spec.max_epochs} epochs)" if s.type == "asha" else ""),
         f"  resources     {r.workers} workers x {r.cpus_per_worker:g} CPU"
         + (f" + {r.gpus_per_worker:g} GPU" if r.use_gpu is not False else "")
-        + f" (use_gpu {r.use_gpu}), driver {r.driver_cpus:g} CPU",
+        + f" (use_gpu {r.use_gpu})"
+        + (f", driver {r.driver_cpus:g} CPU" if r.workers > 1 else ", in the trial's own process"),
         f"  faults        worker restarts {f.worker_max_failures}, trial retries {f.trial_max_failures}, "
         f"keep {f.checkpoints_kept} checkpoints",
     ]

@@ -1,14 +1,24 @@
-"""One Tune trial = one Ray Train `TorchTrainer` running psdet.engine on N workers.
+"""One Tune trial: psdet.engine on `resources.workers` workers.
 
-Ray 2.60 runs Train V2, where a trainer cannot be handed to `Tuner` directly: each trial
-is a function trainable (`run_trial`) that builds a `TorchTrainer` and calls `fit()`.
-`TuneReport` (in the trainer's callbacks) forwards rank 0's metrics and the checkpoint
-path to Tune.
+Every trial is a function trainable (`run_trial`). How it trains depends on its size:
+
+- **several workers**: it builds a Ray Train `TorchTrainer` (Ray 2.60 runs Train V2,
+  where a trainer cannot be handed to `Tuner` directly) and calls `fit()`; `TuneReport`
+  (in the trainer's callbacks) forwards rank 0's metrics and the checkpoint to Tune. A
+  dead worker is restarted by Ray Train (`worker_max_failures`).
+- **one worker**: the engine runs in the trial's own process, reporting to Tune through
+  `TuneReporter`, as Ray's guidance for non-distributed trials has it. A trainer would
+  add a controller and a worker group, about 14 s of start and teardown per trial
+  (benchmarks/sweep_overhead.py), for nothing it does with one worker. The trial process
+  is the worker, so a dead worker is a failed trial that Tune retries from its newest
+  checkpoint (`worker_max_failures + trial_max_failures` times in all); Tune reuses the
+  process for the next trial (`reuse_actors`), which keeps torch imported.
 
 Layout of one trial, under the experiment directory `<storage>/<name>`:
 
     trial_<id>/                 Tune's trial directory (result.json, progress.csv, Tune's events)
-      train/checkpoint_*/       the Train run's checkpoints (RunConfig(storage_path=trial dir, name="train"))
+      train/checkpoint_*/       several workers: the Train run's checkpoints (RunConfig(storage_path=trial dir, name="train"))
+      checkpoint_*/             one worker: the checkpoints reported to Tune
       run-<time>-<id>/          one per run of the trial (a resumed driver starts another), local storage
                                 only: the engine's tensorboard/, train.log and staging checkpoints/
 
@@ -25,15 +35,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import pyarrow.fs
 import ray.train
 from ray import tune
 from ray.train.torch import TorchTrainer
 
 from orchestrate import storage
-from orchestrate.ray_reporter import TOTAL_EPOCHS, RayReporter, TuneReport
+from orchestrate.ray_reporter import RayReporter, TuneReport, newer_checkpoint
 from orchestrate.results import FINISHED, read_ledger
+from orchestrate.search import strip_baseline
 from orchestrate.space import SweepSpec, SyntheticData, trial_config
-from psdet.config import config_from_dict, to_dict
+from psdet import checkpoint as ckpt
+from psdet.config import Config, config_from_dict, to_dict
+from psdet.reporting import TOTAL_EPOCHS
 
 TRAIN_RUN_NAME = "train"
 
@@ -47,6 +61,19 @@ class TrialSetup:
     data_root: str
     synthetic: SyntheticData | None  # set when data_root is the synthetic cache: regenerate on other nodes
     use_gpu: bool
+
+    @property
+    def in_process(self) -> bool:
+        """One worker: the engine runs in the trial's own process, without a TorchTrainer."""
+        return self.spec.resources.workers == 1
+
+    def trial_resources(self) -> dict[str, float]:
+        """What Tune reserves for the trial process: the worker itself when in process,
+        else the driver that only waits on its trainer's workers."""
+        resources = self.spec.resources
+        if not self.in_process:
+            return {"CPU": resources.driver_cpus}
+        return {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if self.use_gpu else {})}
 
     def scaling_config(self) -> ray.train.ScalingConfig:
         resources = self.spec.resources
@@ -112,23 +139,78 @@ def build_trainer(setup: TrialSetup, trial_id: str, train_loop_config: dict[str,
     )
 
 
-def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
-    """Tune function trainable: resolve this trial's config, then train it on Ray Train."""
+def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """Tune function trainable: resolve this trial's config, then train it, in this
+    process (one worker) or on a Ray Train worker group."""
     trial_id = tune.get_context().get_trial_id()
     finished = finished_result(setup, trial_id)
     if finished is not None:
         tune.report(finished)
         return
+    params, _ = strip_baseline(config)
     cfg = trial_config(setup.spec, params, setup.data_root)
     # Ray keeps the trial's checkpoints (fault_tolerance.checkpoints_kept); the engine's own
     # copy is only needed until Ray has taken it.
     cfg.train.keep_checkpoints = 1
+    if setup.in_process:
+        train_in_process(setup, trial_id, cfg)
+        return
     loop_config = {
         "config": to_dict(cfg),
         **engine_dirs(setup, trial_id),
         "synthetic": setup.synthetic,
     }
     build_trainer(setup, trial_id, loop_config).fit()
+
+
+def train_in_process(setup: TrialSetup, trial_id: str, cfg: Config) -> None:
+    """The one-worker trial: psdet.engine here, reporting each evaluation to Tune."""
+    from psdet.engine import train
+
+    if setup.synthetic is not None and not Path(cfg.data.root).is_dir():
+        from orchestrate.data import ensure_synthetic
+
+        ensure_synthetic(setup.synthetic, Path(cfg.data.root))
+    cfg.train.device = "cuda" if setup.use_gpu else "cpu"
+    dirs = engine_dirs(setup, trial_id)
+    earlier_runs = Path(trial_uri(setup, trial_id)) if dirs["resume_from_engine"] else None
+    train(cfg, Path(dirs["out_dir"]), TuneReporter(earlier_runs))
+
+
+class TuneReporter:
+    """The engine's `Reporter` in a one-worker trial: each evaluation and its checkpoint go
+    to `tune.report`; a retried or resumed trial continues from the newer (by global step)
+    of the checkpoint Tune restored and the engine's newest valid one in the trial's
+    earlier runs (`trial_dir`, local storage only: a mid-epoch checkpoint, or one whose
+    report Tune had not taken when the process died)."""
+
+    def __init__(self, trial_dir: Path | None) -> None:
+        self.trial_dir = trial_dir
+        self._downloaded: tempfile.TemporaryDirectory | None = None
+
+    def latest_checkpoint(self) -> Path | None:
+        from_tune = self._tune_checkpoint()
+        if self.trial_dir is None:
+            return from_tune
+        engine = [found for found in (ckpt.latest_valid_meta(run / "checkpoints")
+                                      for run in sorted(self.trial_dir.glob("run-*"))) if found is not None]
+        if not engine:
+            return from_tune
+        newest, _ = max(engine, key=lambda found: found[1]["step"])
+        return newer_checkpoint(from_tune, newest.parent)
+
+    def _tune_checkpoint(self) -> Path | None:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            return None
+        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+            return Path(checkpoint.path)  # read in place: the engine only reads it
+        self._downloaded = tempfile.TemporaryDirectory(prefix="psdet-resume-")
+        checkpoint.to_directory(self._downloaded.name)
+        return Path(self._downloaded.name)
+
+    def report(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(checkpoint) if checkpoint else None)
 
 
 def finished_result(setup: TrialSetup, trial_id: str) -> dict[str, Any] | None:
@@ -166,12 +248,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         ensure_synthetic(loop_config["synthetic"], Path(cfg.data.root))
     out_dir = Path(loop_config["out_dir"])
-    reporter = RayReporter(extra_metrics={TOTAL_EPOCHS: cfg.train.epochs},
-                           engine_checkpoints=out_dir / "checkpoints" if loop_config.get("resume_from_engine") else None)
+    reporter = RayReporter(engine_checkpoints=out_dir / "checkpoints" if loop_config.get("resume_from_engine") else None)
     train(cfg, out_dir, reporter)
 
 
 def trainable(setup: TrialSetup):
     """The object handed to `Tuner` (and again to `Tuner.restore`)."""
-    return tune.with_resources(tune.with_parameters(run_trial, setup=setup),
-                               {"CPU": setup.spec.resources.driver_cpus})
+    return tune.with_resources(tune.with_parameters(run_trial, setup=setup), setup.trial_resources())

@@ -304,7 +304,7 @@ def _sweep(spec: SweepSpec, args: argparse.Namespace, name: str, storage_root: s
     from ray import tune
 
     from orchestrate import trial
-    from orchestrate.results import write_results
+    from orchestrate.results import engine_seconds, read_ledger, write_results
 
     print(_connect(address))
     try:
@@ -334,8 +334,13 @@ def _sweep(spec: SweepSpec, args: argparse.Namespace, name: str, storage_root: s
             print(f"sweep '{name}': {spec.experiment.num_samples} trials, {concurrency} at a time, "
                   f"{'GPU' if use_gpu else 'CPU'}; writing to {experiment}; Optuna study in {study_url}")
             tuner = _new_tuner(spec, trainable, name, storage_root, experiment, concurrency, study_url, mirror)
+        engine_before = engine_seconds(read_ledger(experiment))
+        fit_started = time.monotonic()
         tuner.fit()
-        summary = write_results(spec, experiment, data_root)
+        wall_s = time.monotonic() - fit_started
+        records = read_ledger(experiment)
+        session = {"wall_s": wall_s, "engine_s": engine_seconds(records) - engine_before, "slots": concurrency}
+        summary = write_results(spec, experiment, data_root, records, session)
     finally:
         ray.shutdown()
     unfinished = [row["trial_id"] for row in summary["rows"] if row["status"] in ("running", "pending")]
@@ -381,7 +386,8 @@ def _concurrency(spec: SweepSpec, nodes: list[dict[str, float]], use_gpu: bool, 
     fit = trials_that_fit(spec, use_gpu, nodes)
     if fit == 0:
         r = spec.resources
-        message = (f"{spec.path}: one trial needs {r.driver_cpus + r.workers * r.cpus_per_worker:g} CPU"
+        driver = r.driver_cpus if r.workers > 1 else 0
+        message = (f"{spec.path}: one trial needs {driver + r.workers * r.cpus_per_worker:g} CPU"
                    + (f" and {r.workers * r.gpus_per_worker:g} GPU" if use_gpu else "")
                    + f" but the cluster's nodes offer {nodes}; lower 'resources.workers' or "
                    "'resources.cpus_per_worker'")
@@ -393,33 +399,16 @@ def _concurrency(spec: SweepSpec, nodes: list[dict[str, float]], use_gpu: bool, 
 
 def _new_tuner(spec: SweepSpec, trainable, name: str, storage_root: str, experiment: str, concurrency: int,
                study_url: str, mirror: tuple[str, str] | None):
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     from orchestrate import trial
     from orchestrate.results import TrialLedger
-    from orchestrate.search import JournalMirror, build_searcher, optuna_storage
+    from orchestrate.search import JournalMirror, optuna_storage
+    from orchestrate.tuner import build_tuner
 
     e = spec.experiment
-    if spec.scheduler.type == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", metric=e.metric, mode=e.mode, max_t=spec.max_epochs,
-                                  grace_period=spec.scheduler.grace_period,
-                                  reduction_factor=spec.scheduler.reduction_factor)
-    else:
-        scheduler = FIFOScheduler()
-    return tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=build_searcher(spec, optuna_storage(study_url)), scheduler=scheduler,
-            num_samples=e.num_samples, max_concurrent_trials=concurrency, time_budget_s=e.time_budget_s,
-            trial_dirname_creator=trial.trial_dirname,
-        ),
-        run_config=tune.RunConfig(
-            name=name, storage_path=storage_root, verbose=0,
-            failure_config=tune.FailureConfig(max_failures=spec.fault_tolerance.trial_max_failures),
-            callbacks=[TrialLedger(experiment, e.metric, e.mode), *([JournalMirror(*mirror)] if mirror else [])],
-        ),
-    )
+    ledger = TrialLedger(experiment, e.metric, e.mode, in_process=spec.resources.workers == 1)
+    callbacks = [ledger, *([JournalMirror(*mirror)] if mirror else [])]
+    return build_tuner(spec, trainable, name=name, storage_root=storage_root, study_storage=optuna_storage(study_url),
+                       concurrency=concurrency, callbacks=callbacks, trial_dirname=trial.trial_dirname)
 
 
 if __name__ == "__main__":

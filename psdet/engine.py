@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import sys
 import time
@@ -32,12 +33,10 @@ from psdet.errors import ConfigError, DataError, NonFiniteLossError
 from psdet.metrics import evaluate, truth_from_batch
 from psdet.models import build_model
 from psdet.optim import apply_schedule, build_optimizer
-from psdet.reporting import LocalReporter, Reporter
+from psdet.reporting import LOSS_TERMS, TOTAL_EPOCHS, LocalReporter, Reporter
 from psdet.sampler import ResumableSampler
 
 log = logging.getLogger("psdet")
-
-LOSS_TERMS = ("loss", "loss_point", "loss_edge")
 
 
 def setup_logging(out_dir: Path | None, is_main: bool) -> None:
@@ -182,7 +181,7 @@ def _train(cfg: Config, out_dir: Path, reporter: Reporter, ctx: distributed.Dist
     setup_logging(out_dir, ctx.is_main)
     config_yaml = dump_yaml(cfg)
     log.info("config:\n%s", config_yaml)
-    log.info("device %s, rank %d of %d", ctx.device, ctx.rank, ctx.world_size)
+    log.info("device %s, rank %d of %d, pid %d", ctx.device, ctx.rank, ctx.world_size, os.getpid())
     seed_everything(cfg.train.seed)
 
     if cfg.data.batch_size % ctx.world_size:
@@ -196,150 +195,155 @@ def _train(cfg: Config, out_dir: Path, reporter: Reporter, ctx: distributed.Dist
 
         writer = SummaryWriter(logdir=str(out_dir / "tensorboard"))
 
-    train_set = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.train.seed)
-    val_set = build_dataset(cfg.data, cfg.data.val_split, train=False, seed=cfg.train.seed)
-    sampler = ResumableSampler(len(train_set), batch_size, seed=cfg.train.seed, rank=ctx.rank,
-                               world_size=ctx.world_size)
-    steps_per_epoch = sampler.batches_per_epoch
-    if steps_per_epoch == 0:
-        raise DataError(
-            f"{cfg.data.root}: {len(train_set)} training images give no full batch of {batch_size} per worker; "
-            "lower data.batch_size or add images"
-        )
-    log.info("%d training images, %d validation images, %d steps per epoch",
-             len(train_set), len(val_set), steps_per_epoch)
+    try:
+        train_set = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.train.seed)
+        val_set = build_dataset(cfg.data, cfg.data.val_split, train=False, seed=cfg.train.seed)
+        sampler = ResumableSampler(len(train_set), batch_size, seed=cfg.train.seed, rank=ctx.rank,
+                                   world_size=ctx.world_size)
+        steps_per_epoch = sampler.batches_per_epoch
+        if steps_per_epoch == 0:
+            raise DataError(
+                f"{cfg.data.root}: {len(train_set)} training images give no full batch of {batch_size} per worker; "
+                "lower data.batch_size or add images"
+            )
+        log.info("%d training images, %d validation images, %d steps per epoch",
+                 len(train_set), len(val_set), steps_per_epoch)
 
-    module = build_model(cfg.model, cfg.data.max_points)
-    if cfg.train.sync_bn and ctx.distributed:
-        if ctx.device.type == "cuda":
-            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
-        else:
-            log.warning("train.sync_bn ignored: SyncBatchNorm needs CUDA; BatchNorm stays per-process on %s",
-                        ctx.device)
-    module.to(ctx.device)
-    if cfg.train.channels_last and ctx.device.type == "cuda":
-        module.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(module, cfg.optim)
-    scaler = torch.amp.GradScaler("cuda", enabled=ctx.device.type == "cuda" and cfg.train.precision == "fp16")
+        module = build_model(cfg.model, cfg.data.max_points)
+        if cfg.train.sync_bn and ctx.distributed:
+            if ctx.device.type == "cuda":
+                module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            else:
+                log.warning("train.sync_bn ignored: SyncBatchNorm needs CUDA; BatchNorm stays per-process on %s",
+                            ctx.device)
+        module.to(ctx.device)
+        if cfg.train.channels_last and ctx.device.type == "cuda":
+            module.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(module, cfg.optim)
+        scaler = torch.amp.GradScaler("cuda", enabled=ctx.device.type == "cuda" and cfg.train.precision == "fp16")
 
-    position = ckpt.Position(epoch=0, step=0, batch=0)
-    restarts = 0
-    resume_from = reporter.latest_checkpoint()
-    finished_metrics: dict[str, float] | None = None
-    if resume_from is not None:
-        state, meta = ckpt.load_checkpoint(resume_from)
-        finished_metrics = meta["metrics"]
-        module.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        position = ckpt.Position(state["epoch"], state["step"], state["batch"])
-        restarts = state["restarts"] + 1
-        ckpt.restore_rng_state(state["rng"])
-        log.info("resumed from %s: epoch %d, step %d, batch %d (restart %d)",
-                 resume_from, position.epoch + 1, position.step, position.batch, restarts)
+        position = ckpt.Position(epoch=0, step=0, batch=0)
+        restarts = 0
+        resume_from = reporter.latest_checkpoint()
+        finished_metrics: dict[str, float] | None = None
+        if resume_from is not None:
+            state, meta = ckpt.load_checkpoint(resume_from)
+            finished_metrics = meta["metrics"]
+            module.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            position = ckpt.Position(state["epoch"], state["step"], state["batch"])
+            restarts = state["restarts"] + 1
+            ckpt.restore_rng_state(state["rng"])
+            log.info("resumed from %s: epoch %d, step %d, batch %d (restart %d)",
+                     resume_from, position.epoch + 1, position.step, position.batch, restarts)
 
-    if finished_metrics is not None and position.epoch >= cfg.train.epochs:
-        # Restored after its last epoch (e.g. the driver died right after it): nothing to
-        # train, but the listener still gets the run's final metrics once more.
-        log.info("the run had already finished; reporting its final metrics again")
-        final = {**finished_metrics, "restarts": restarts}
-        reporter.report(final, None)
-        return final
+        if finished_metrics is not None and position.epoch >= cfg.train.epochs:
+            # Restored after its last epoch (e.g. the driver died right after it): nothing to
+            # train, but the listener still gets the run's final metrics once more.
+            log.info("the run had already finished; reporting its final metrics again")
+            final = {**finished_metrics, "restarts": restarts, "train_s": 0.0, "eval_s": 0.0}
+            reporter.report(final, None)
+            return final
 
-    model = module
-    if ctx.distributed:
-        model = DistributedDataParallel(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    log.info("model: %d parameters", sum(p.numel() for p in module.parameters()))
+        model = module
+        if ctx.distributed:
+            model = DistributedDataParallel(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        log.info("model: %d parameters", sum(p.numel() for p in module.parameters()))
 
-    ckpt_root = out_dir / "checkpoints"
-    total_epochs = cfg.train.epochs
-    last_metrics: dict[str, float] = {}
-    eval_metrics: dict[str, float] = {}
+        ckpt_root = out_dir / "checkpoints"
+        total_epochs = cfg.train.epochs
+        last_metrics: dict[str, float] = {}
+        eval_metrics: dict[str, float] = {}
 
-    def save(at: ckpt.Position, metrics: dict[str, float]) -> Path | None:
-        path = None
-        if ctx.is_main:
-            path = ckpt.save_checkpoint(ckpt_root, at, _state(module, optimizer, scaler, at, restarts),
-                                        config_yaml, metrics)
-            ckpt.prune(ckpt_root, cfg.train.keep_checkpoints)
-        distributed.barrier(ctx)
-        return path
+        def save(at: ckpt.Position, metrics: dict[str, float]) -> Path | None:
+            path = None
+            if ctx.is_main:
+                path = ckpt.save_checkpoint(ckpt_root, at, _state(module, optimizer, scaler, at, restarts),
+                                            config_yaml, metrics)
+                ckpt.prune(ckpt_root, cfg.train.keep_checkpoints)
+            distributed.barrier(ctx)
+            return path
 
-    for epoch in range(position.epoch, total_epochs):
-        skip = position.batch if epoch == position.epoch else 0
-        train_set.set_epoch(epoch)
-        sampler.set_epoch(epoch, skip_batches=skip)
-        loader = _loader(train_set, sampler, batch_size, cfg.data.num_workers, cfg.train.seed + epoch, ctx.device)
-        module.train()
-        progress = _Progress(ctx.is_main and cfg.train.progress, steps_per_epoch, epoch, total_epochs)
-        pending: list[torch.Tensor] = []  # per-step loss terms, checked once per log interval
-        epoch_terms = torch.zeros(len(LOSS_TERMS), dtype=torch.float64)
-        epoch_steps = 0
-        step = position.step if epoch == position.epoch else epoch * steps_per_epoch
-        epoch_start_step = step
-        started = time.perf_counter()
-        schedule = {}
-        for batch_index, batch in enumerate(loader, start=skip):
-            schedule = apply_schedule(optimizer, cfg.optim, step, steps_per_epoch, total_epochs)
-            batch = _to_device(batch, ctx.device, cfg.train.channels_last and ctx.device.type == "cuda")
-            with _autocast(cfg, ctx.device):
-                outputs = model(batch["image"], batch["marks"], batch["num_marks"])
-            loss, terms = module.loss(outputs, batch)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.optim.grad_norm_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.optim.grad_norm_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            pending.append(torch.stack([loss.detach(), terms["loss_point"].detach(), terms["loss_edge"].detach()]))
-            done = batch_index + 1
-            if len(pending) >= cfg.train.log_interval or done == steps_per_epoch:
-                values = _check_finite(pending, step, epoch)
-                epoch_terms += values.sum(0)
-                epoch_steps += len(pending)
-                pending = []
-                if writer is not None:
-                    for name, value in zip(LOSS_TERMS, values[-1].tolist()):
-                        writer.add_scalar(f"train/{name}", value, step)
-                    writer.add_scalar("train/lr", schedule["lr"], step)
-                    if schedule.get("momentum") is not None:
-                        writer.add_scalar("train/momentum", schedule["momentum"], step)
-                progress.update(done, float(values[-1, 0]))
-            if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0 and done < steps_per_epoch:
-                save(ckpt.Position(epoch, step, done), {})
-        progress.close()
-        elapsed = time.perf_counter() - started
-        images_per_s = (step - epoch_start_step) * cfg.data.batch_size / max(elapsed, 1e-9)
-        means = (epoch_terms / max(epoch_steps, 1)).tolist()
-        last_metrics = {name: value for name, value in zip(LOSS_TERMS, means)}
-        last_metrics.update(epoch=epoch + 1, step=step, lr=schedule.get("lr", float("nan")),
-                            images_per_s=images_per_s, restarts=restarts)
-        log.info("epoch %d/%d: loss %.4f (point %.5f, edge %.4f), %.1f images/s",
-                 epoch + 1, total_epochs, means[0], means[1], means[2], images_per_s)
-        if writer is not None:
-            writer.add_scalar("train/images_per_s", images_per_s, step)
-
-        finished = epoch + 1 == total_epochs
-        is_eval = (epoch + 1) % cfg.train.eval_interval == 0 or finished
-        is_ckpt = (epoch + 1) % cfg.train.ckpt_interval == 0 or finished
-        if is_eval:
-            eval_metrics = run_evaluation(module, val_set, cfg, ctx)
-            log.info("epoch %d/%d: %s", epoch + 1, total_epochs,
-                     ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+        for epoch in range(position.epoch, total_epochs):
+            skip = position.batch if epoch == position.epoch else 0
+            train_set.set_epoch(epoch)
+            sampler.set_epoch(epoch, skip_batches=skip)
+            loader = _loader(train_set, sampler, batch_size, cfg.data.num_workers, cfg.train.seed + epoch, ctx.device)
+            module.train()
+            progress = _Progress(ctx.is_main and cfg.train.progress, steps_per_epoch, epoch, total_epochs)
+            pending: list[torch.Tensor] = []  # per-step loss terms, checked once per log interval
+            epoch_terms = torch.zeros(len(LOSS_TERMS), dtype=torch.float64)
+            epoch_steps = 0
+            step = position.step if epoch == position.epoch else epoch * steps_per_epoch
+            epoch_start_step = step
+            started = time.perf_counter()
+            schedule = {}
+            for batch_index, batch in enumerate(loader, start=skip):
+                schedule = apply_schedule(optimizer, cfg.optim, step, steps_per_epoch, total_epochs)
+                batch = _to_device(batch, ctx.device, cfg.train.channels_last and ctx.device.type == "cuda")
+                with _autocast(cfg, ctx.device):
+                    outputs = model(batch["image"], batch["marks"], batch["num_marks"])
+                loss, terms = module.loss(outputs, batch)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.optim.grad_norm_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.optim.grad_norm_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                step += 1
+                pending.append(torch.stack([loss.detach(), terms["loss_point"].detach(), terms["loss_edge"].detach()]))
+                done = batch_index + 1
+                if len(pending) >= cfg.train.log_interval or done == steps_per_epoch:
+                    values = _check_finite(pending, step, epoch)
+                    epoch_terms += values.sum(0)
+                    epoch_steps += len(pending)
+                    pending = []
+                    if writer is not None:
+                        for name, value in zip(LOSS_TERMS, values[-1].tolist()):
+                            writer.add_scalar(f"train/{name}", value, step)
+                        writer.add_scalar("train/lr", schedule["lr"], step)
+                        if schedule.get("momentum") is not None:
+                            writer.add_scalar("train/momentum", schedule["momentum"], step)
+                    progress.update(done, float(values[-1, 0]))
+                if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0 and done < steps_per_epoch:
+                    save(ckpt.Position(epoch, step, done), {})
+            progress.close()
+            elapsed = time.perf_counter() - started
+            images_per_s = (step - epoch_start_step) * cfg.data.batch_size / max(elapsed, 1e-9)
+            means = (epoch_terms / max(epoch_steps, 1)).tolist()
+            last_metrics = {name: value for name, value in zip(LOSS_TERMS, means)}
+            last_metrics.update(epoch=epoch + 1, step=step, lr=schedule.get("lr", float("nan")),
+                                images_per_s=images_per_s, restarts=restarts, train_s=elapsed, eval_s=0.0)
+            last_metrics[TOTAL_EPOCHS] = total_epochs
+            log.info("epoch %d/%d: loss %.4f (point %.5f, edge %.4f), %.1f images/s",
+                     epoch + 1, total_epochs, means[0], means[1], means[2], images_per_s)
             if writer is not None:
-                for name, value in eval_metrics.items():
-                    writer.add_scalar(f"val/{name}", value, step)
-        last_metrics.update(eval_metrics)
-        saved = save(ckpt.Position(epoch + 1, step, 0), last_metrics) if is_ckpt else None
-        if is_eval:
-            reporter.report(dict(last_metrics), saved)
-        position = ckpt.Position(epoch + 1, step, 0)
+                writer.add_scalar("train/images_per_s", images_per_s, step)
 
-    if writer is not None:
-        writer.close()
-    return last_metrics
+            finished = epoch + 1 == total_epochs
+            is_eval = (epoch + 1) % cfg.train.eval_interval == 0 or finished
+            is_ckpt = (epoch + 1) % cfg.train.ckpt_interval == 0 or finished
+            if is_eval:
+                eval_started = time.perf_counter()
+                eval_metrics = run_evaluation(module, val_set, cfg, ctx)
+                last_metrics["eval_s"] = time.perf_counter() - eval_started
+                log.info("epoch %d/%d: %s", epoch + 1, total_epochs,
+                         ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+                if writer is not None:
+                    for name, value in eval_metrics.items():
+                        writer.add_scalar(f"val/{name}", value, step)
+            last_metrics.update(eval_metrics)
+            saved = save(ckpt.Position(epoch + 1, step, 0), last_metrics) if is_ckpt else None
+            if is_eval:
+                reporter.report(dict(last_metrics), saved)
+            position = ckpt.Position(epoch + 1, step, 0)
+
+        return last_metrics
+    finally:
+        if writer is not None:
+            writer.close()  # on every exit: a non-finite loss, a stop, a kill by the scheduler
 
 
 def _check_finite(pending: list[torch.Tensor], step: int, epoch: int) -> torch.Tensor:

@@ -14,6 +14,15 @@ from typing import Protocol
 
 from psdet import checkpoint as ckpt
 
+# The names of what the engine reports once per evaluation (docs/CONTRACTS.md): the one
+# list the engine, the search-space validator and the sweep's results all use.
+LOSS_TERMS = ("loss", "loss_point", "loss_edge")  # means over the epoch's steps
+EVAL_METRICS = ("point_precision", "point_recall", "point_ap", "slot_precision", "slot_recall", "slot_ap")
+TOTAL_EPOCHS = "total_epochs"  # the run's planned epochs: a report with epoch < total_epochs is not the last
+ENGINE_SECONDS = ("train_s", "eval_s")  # this epoch's seconds in the step loop and in evaluation
+REPORTED = ("epoch", "step", *LOSS_TERMS, "lr", *EVAL_METRICS, "restarts", "images_per_s", TOTAL_EPOCHS,
+            *ENGINE_SECONDS)
+
 
 class Reporter(Protocol):
     def latest_checkpoint(self) -> Path | None:

@@ -44,6 +44,8 @@ BAD_SPACES = {
     "bad_fault_tolerance.yaml": "fault_tolerance.checkpoints_kept",
     "warmup_longer_than_run.yaml": "search.optim.warmup_epochs",
     "shared_gpu.yaml": "resources.gpus_per_worker",
+    "baseline_outside_range.yaml": "search.optim.lr",
+    "group_without_multivariate.yaml": "sampler.group",
 }
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -134,15 +136,22 @@ def test_dry_run_prints_budget_resources_and_lr_preview(capsys, tmp_path):
 
 
 def test_dry_run_previews_the_configs_the_sweep_samples_first():
-    from orchestrate.search import build_searcher
+    from orchestrate.search import BASELINE, build_searcher, strip_baseline
+    from orchestrate.space import baseline_params
 
     spec = load_space(SPACES / "full.yaml")
     searcher = build_searcher(spec, optuna.storages.InMemoryStorage())
-    assert [searcher.suggest(f"t{i}") for i in range(4)] == sample_params(spec, 4)
+    suggested = [searcher.suggest(f"t{i}") for i in range(4)]
+    assert [strip_baseline(config)[0] for config in suggested] == sample_params(spec, 4)
+    # The first is the baseline: ps_gat's own optimizer settings, flagged; the rest are sampled.
+    assert suggested[0] == {**baseline_params(spec), BASELINE: True}
+    assert suggested[0]["optim.lr"] == 0.003 and suggested[0]["optim.optimizer"] == "adam_onecycle"
+    assert "optim.momentum" not in suggested[0]  # only for sgd
+    assert not any(BASELINE in config for config in suggested[1:])
 
 
 def test_trials_that_fit_packs_drivers_and_workers():
-    spec = load_space(SPACES / "lr.yaml")  # a trial: 0.1 CPU driver + 2 workers x 0.5 CPU (+ 1 GPU)
+    spec = load_space(SPACES / "optimizer.yaml")  # a trial: 0.1 CPU driver + 2 workers x 0.5 CPU (+ 1 GPU)
     assert trials_that_fit(spec, False, [{"CPU": 2}]) == 1
     assert trials_that_fit(spec, False, [{"CPU": 8}]) == 7
     assert trials_that_fit(spec, False, [{"CPU": 1.0}]) == 0
@@ -270,3 +279,73 @@ def test_storage_reads_and_writes_file_uris_as_local_paths(tmp_path):
     assert target.read_bytes() == b"{}" and storage.exists(str(target))
     assert storage.read_bytes(f"file://{target}") == b"{}"
     assert storage.local_path(f"file://{tmp_path}") == tmp_path
+
+
+def test_baseline_is_the_first_trial_flagged_in_tune_and_optuna(tmp_path):
+    from orchestrate.search import BASELINE, strip_baseline
+
+    searcher, journal = _searcher(tmp_path)
+    first, second = searcher.suggest("base"), searcher.suggest("other")
+    assert first == {"optim.lr": 0.003, "optim.warmup": "none", BASELINE: True}  # ps_gat_tiny's own values
+    assert strip_baseline(first) == ({"optim.lr": 0.003, "optim.warmup": "none"}, True)
+    assert BASELINE not in second and strip_baseline(second)[1] is False
+    trials = {t.user_attrs["tune_trial_id"]: t for t in _study(journal).trials}
+    assert trials["base"].user_attrs[BASELINE] is True and BASELINE not in trials["other"].user_attrs
+
+    # A resumed driver reopens the study: the baseline is not asked for a second time.
+    state = str(tmp_path / "searcher.pkl")
+    searcher.save(state)
+    restored, _ = _searcher(tmp_path)
+    restored.restore(state)
+    assert BASELINE not in restored.suggest("third")
+
+
+def test_baseline_can_be_switched_off_and_random_sampling_chosen(tmp_path):
+    import dataclasses
+
+    from orchestrate.search import BASELINE, build_sampler, build_searcher
+    from orchestrate.space import Sampler
+
+    spec = load_space(SPACES / "smoke.yaml")
+    spec = dataclasses.replace(spec, experiment=dataclasses.replace(spec.experiment, baseline=False),
+                               sampler=Sampler(type="random"))
+    assert isinstance(build_sampler(spec), optuna.samplers.RandomSampler)
+    searcher = build_searcher(spec, optuna.storages.InMemoryStorage())
+    assert all(BASELINE not in searcher.suggest(f"t{i}") for i in range(3))
+    tpe = build_sampler(load_space(SPACES / "lr.yaml"))
+    assert isinstance(tpe, optuna.samplers.TPESampler)
+
+
+def test_one_worker_trials_are_retried_for_worker_and_trial_failures():
+    import dataclasses
+
+    from orchestrate.space import FaultTolerance, Resources
+    from orchestrate.tuner import trial_retries
+
+    spec = load_space(SPACES / "smoke.yaml")  # 2 workers: Ray Train restarts workers, Tune retries trials
+    assert trial_retries(spec) == spec.fault_tolerance.trial_max_failures == 0
+    one = dataclasses.replace(spec, resources=Resources(workers=1),
+                              fault_tolerance=FaultTolerance(worker_max_failures=2, trial_max_failures=1))
+    assert trial_retries(one) == 3
+    unlimited = dataclasses.replace(one, fault_tolerance=FaultTolerance(worker_max_failures=-1))
+    assert trial_retries(unlimited) == -1
+    assert trials_that_fit(one, False, [{"CPU": 2}]) == 2  # no separate driver for a one-worker trial
+
+
+def test_summary_compares_best_with_baseline_and_counts_epochs_and_goodput():
+    from orchestrate.results import goodput, sweep_summary
+
+    spec = load_space(SPACES / "lr.yaml")  # 8 epochs a trial
+    table = [
+        {"trial_id": "b", "status": "completed", "baseline": False, "epochs": 8, "total_epochs": 8,
+         "final_slot_ap": 0.61},
+        {"trial_id": "a", "status": "completed", "baseline": True, "epochs": 8, "total_epochs": 8,
+         "final_slot_ap": 0.44},
+        {"trial_id": "c", "status": "pruned", "baseline": False, "epochs": 2, "total_epochs": 8,
+         "best_slot_ap": 0.01},
+    ]
+    lines = sweep_summary(table, spec, {"wall_s": 100.0, "engine_s": 160.0, "slots": 2})
+    assert lines[0] == ("best against baseline: trial b slot_ap 0.6100, baseline a 0.4400 (delta +0.1700)")
+    assert lines[1] == "epochs: 18 spent, against 24 without early stopping (6 saved, 25%); 1 of 3 trials stopped early"
+    assert lines[2].startswith("goodput: 80% (160 s of engine training + evaluation over 100 s wall x 2 trial slots)")
+    assert goodput(160.0, 100.0, 2) == pytest.approx(0.8)

@@ -1,11 +1,16 @@
 """The sweep end to end, through `python orchestrate/tune.py` joined to one local Ray per module.
 
-- smoke: search_spaces/smoke.yaml (3 trials x 2 workers, ASHA) writes a leaderboard,
+Both ways a trial trains are covered: on a Ray Train worker group (2 workers, a
+TorchTrainer) and in the trial's own process (1 worker).
+- smoke: search_spaces/smoke.yaml (3 trials, ASHA) writes a leaderboard that starts with
+  the baseline trial and ends with the best-against-baseline, epochs and goodput lines,
   results.parquet, best_config.yaml and an Optuna study that matches it;
-- worker kill: a Ray Train worker SIGKILLed mid-trial is restarted, the trial resumes
-  from its checkpoint and ends with the same metrics as an uninterrupted twin;
-- driver kill: tune.py SIGKILLed after its first trial finishes, then `--resume`,
-  finishes the sweep without rerunning, duplicating or losing a trial.
+- worker kill: the rank-0 worker (for one worker: the trial process) SIGKILLed mid-trial
+  is restarted, the trial resumes from its checkpoint and ends with the same metrics as an
+  uninterrupted twin;
+- driver kill (one-worker trials; the two-worker path is killed in tests/test_cluster.py's
+  S3 test): tune.py SIGKILLed after its first trial finishes, then `--resume`, finishes
+  the sweep without rerunning, duplicating or losing a trial.
 """
 from __future__ import annotations
 
@@ -42,6 +47,9 @@ def tail(result: subprocess.CompletedProcess, lines: int = 40) -> str:
     return "\n".join((result.stdout + result.stderr).splitlines()[-lines:])
 
 
+ONE_WORKER = {"workers": 1, "use_gpu": False, "cpus_per_worker": 0.5}
+
+
 def space_file(path: Path, **changes) -> Path:
     """smoke.yaml with some sections changed (each change replaces a whole section key)."""
     space = yaml.safe_load(SMOKE.read_text())
@@ -76,9 +84,11 @@ def params_of(row: dict) -> tuple:
 
 
 @pytest.mark.timeout(300)
-def test_smoke_sweep(ray_cluster, env, tmp_path):
+@pytest.mark.parametrize("workers", [2, 1])
+def test_smoke_sweep(ray_cluster, env, tmp_path, workers):
+    space = SMOKE if workers == 2 else space_file(tmp_path / "smoke.yaml", resources__ALL=ONE_WORKER)
     storage = tmp_path / "runs"
-    result = run_tune(["--space", SMOKE, "--address", ray_cluster.address, "--storage", storage], env, timeout=280)
+    result = run_tune(["--space", space, "--address", ray_cluster.address, "--storage", storage], env, timeout=280)
     assert result.returncode == 0, tail(result)
     out = result.stdout
     said = re.search(r"^no --data given: (synthesized|using the cached).* (\S+/train16-val8-seed0-\w+)", out, re.M)
@@ -96,12 +106,27 @@ def test_smoke_sweep(ray_cluster, env, tmp_path):
         assert row["final_point_ap"] is not None and row["best_point_ap"] >= row["final_point_ap"] - 1e-12
         assert row["restarts"] == 0 and row["worker_restarts"] == 0 and row["wall_time_s"] > 0
         (run,) = (experiment / f"trial_{row['trial_id']}").glob("run-*")  # one run per trial, not resumed
-        assert "rank 0 of 2" in (run / "train.log").read_text()  # two DDP workers
+        assert f"rank 0 of {workers}," in (run / "train.log").read_text()  # DDP over two workers, or one
+        checkpoints = "train/checkpoint_*" if workers == 2 else "checkpoint_*"  # Ray Train's, or Tune's
+        assert list((experiment / f"trial_{row['trial_id']}").glob(checkpoints)), row
         assert any((run / "tensorboard").glob("events.out.tfevents.*"))
 
     board = out[out.index("leaderboard of 'smoke'"):]
     for row in rows:
         assert re.search(rf"^{row['rank']}\s+{row['trial_id']}\s+{row['status']}\s", board, re.M), board
+
+    # The first trial is the baseline: ps_gat_tiny's own values of the searched keys.
+    (baseline,) = [row for row in rows if row["baseline"]]
+    assert baseline["optim.lr"] == 0.003 and baseline["optim.warmup"] == "none"
+    assert baseline["optim.warmup_epochs"] is None  # not searched without warmup
+    assert re.search(rf"^\d+\s+{baseline['trial_id']}\s.*<- baseline$", board, re.M), board
+    summary = board.strip().splitlines()[-3:]
+    assert summary[0].startswith("best against baseline: trial "), summary
+    spent = sum(row["epochs"] for row in rows)
+    assert summary[1].startswith(f"epochs: {spent} spent, against 9 without early stopping"), summary
+    goodput = re.match(r"goodput: (\d+)% \((\d+) s of engine training \+ evaluation over (\d+) s wall x 2 trial", summary[2])
+    assert goodput and 0 < int(goodput[1]) <= 100, summary
+    assert float(goodput[2]) == pytest.approx(sum(row["engine_s"] for row in rows), abs=1), summary
 
     best = rows[0]
     assert best["status"] == "completed"
@@ -117,6 +142,7 @@ def test_smoke_sweep(ray_cluster, env, tmp_path):
     # ASHA's early stops are PRUNED in Optuna, with one intermediate value per epoch run.
     by_trial = {t.user_attrs["tune_trial_id"]: t for t in study_trials(experiment, "smoke")}
     assert set(by_trial) == {row["trial_id"] for row in rows}
+    assert by_trial[baseline["trial_id"]].user_attrs["baseline"] is True and by_trial[baseline["trial_id"]].number == 0
     for row in rows:
         trial = by_trial[row["trial_id"]]
         assert trial.state.name == {"completed": "COMPLETE", "pruned": "PRUNED"}[row["status"]]
@@ -124,29 +150,22 @@ def test_smoke_sweep(ray_cluster, env, tmp_path):
         assert trial.value == pytest.approx(row["final_point_ap"])
 
 
-def rank0_worker_pid(trial_dir: Path, address: str) -> int:
-    """The Ray Train worker writing `trial_dir`'s train.log: rank 0 of that trial."""
-    from ray.util.state import list_actors
-
-    workers = list_actors(address=address, timeout=30,
-                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    for worker in workers:
-        fd_dir = Path(f"/proc/{worker.pid}/fd")
-        for fd in fd_dir.iterdir() if fd_dir.is_dir() else ():
-            try:
-                target = os.readlink(fd)
-            except OSError:
-                continue
-            if target.startswith(str(trial_dir)) and target.endswith("train.log"):
-                return worker.pid
-    raise AssertionError(f"no live Ray Train worker writes {trial_dir}/run-*/train.log among {workers}")
+def rank0_pid(trial_dir: Path) -> int:
+    """The process of rank 0 of the trial in `trial_dir` (a Ray Train worker, or the trial's
+    own process for one worker), as the engine logs it."""
+    (log,) = trial_dir.glob("run-*/train.log")
+    match = re.search(r"rank 0 of \d+, pid (\d+)", log.read_text())
+    assert match, log.read_text()[:2000]
+    return int(match[1])
 
 
 @pytest.mark.timeout(360)
-def test_worker_killed_mid_trial_resumes_exactly(ray_cluster, env, tmp_path):
+@pytest.mark.parametrize("workers", [2, 1])
+def test_worker_killed_mid_trial_resumes_exactly(ray_cluster, env, tmp_path, workers):
     # Twin trials of one config, side by side; rank 0 of the first to finish an epoch is killed.
+    resources = {} if workers == 2 else {"resources__ALL": ONE_WORKER}
     space = space_file(
-        tmp_path / "twins.yaml",
+        tmp_path / "twins.yaml", **resources,
         experiment__name="twins", experiment__num_samples=2, experiment__max_concurrent=2,
         experiment__overrides={**yaml.safe_load(SMOKE.read_text())["experiment"]["overrides"], "train.epochs": 4},
         search__ALL={"optim.lr": {"type": "choice", "values": [0.003]}},
@@ -158,7 +177,7 @@ def test_worker_killed_mid_trial_resumes_exactly(ray_cluster, env, tmp_path):
     sweep = Driver([*TUNE, "--space", space, "--address", ray_cluster.address, "--storage", storage], env)
     try:
         killed_id = sweep.wait_for(r"^trial (\S+) epoch 1/4", timeout=200).group(1)
-        os.kill(rank0_worker_pid(experiment / f"trial_{killed_id}", ray_cluster.address), signal.SIGKILL)
+        os.kill(rank0_pid(experiment / f"trial_{killed_id}"), signal.SIGKILL)
         sweep.wait_for(r"^results ", timeout=300)
         assert sweep.wait(timeout=60) == 0, sweep.tail(40)
     finally:
@@ -177,7 +196,8 @@ def test_worker_killed_mid_trial_resumes_exactly(ray_cluster, env, tmp_path):
 
 @pytest.mark.timeout(420)
 def test_driver_killed_then_resumed_finishes_the_sweep(ray_cluster, env, tmp_path):
-    space = space_file(tmp_path / "resumable.yaml", experiment__name="resumable", experiment__num_samples=3)
+    space = space_file(tmp_path / "resumable.yaml", experiment__name="resumable", experiment__num_samples=3,
+                       resources__ALL=ONE_WORKER)
     storage = tmp_path / "runs"
     experiment = storage / "resumable"
     args = ["--space", space, "--address", ray_cluster.address, "--storage", storage]
