@@ -6,7 +6,12 @@ PY := $(VENV)/bin/python
 # Ray's local instance, its dashboard and every test stay on loopback.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: setup demo test bench clean
+# The fast tier: everything but the Ray sweeps and clusters, the learning test and the
+# benchmark smoke runs (about a minute on an idle 2-core machine).
+SLOW_TESTS := tests/test_sweep.py tests/test_cluster.py tests/test_benchmarks.py tests/test_learning.py \
+	tests/test_search_quality.py
+
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +26,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q $(addprefix --ignore=,$(SLOW_TESTS))
 
 bench: setup
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done

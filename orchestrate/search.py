@@ -185,13 +185,17 @@ class SweepSearch(Searcher):
     # -- a driver restart
 
     def save(self, checkpoint_path: str) -> None:
+        # The sampler goes too: its random state, so that a resumed driver does not draw
+        # the startup trials it drew before all over again.
         with open(checkpoint_path, "wb") as handle:
-            pickle.dump({"numbers": self.numbers, "running": sorted(self.running)}, handle)
+            pickle.dump({"numbers": self.numbers, "sampler": self.sampler}, handle)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as handle:
             saved = pickle.load(handle)
         self.numbers = dict(saved["numbers"])
+        self.sampler = saved["sampler"]
+        self.study = self._open_study()
         self.running, self.reported = {}, {}
         by_number = {frozen.number: frozen for frozen in self.study.get_trials(deepcopy=False)}
         known = set(self.numbers.values())

@@ -292,12 +292,17 @@ def test_baseline_is_the_first_trial_flagged_in_tune_and_optuna(tmp_path):
     trials = {t.user_attrs["tune_trial_id"]: t for t in _study(journal).trials}
     assert trials["base"].user_attrs[BASELINE] is True and BASELINE not in trials["other"].user_attrs
 
-    # A resumed driver reopens the study: the baseline is not asked for a second time.
+    # A resumed driver reopens the study: the baseline is not asked for a second time, and
+    # the sampler goes on from where it was (a fresh one would draw `second` again).
     state = str(tmp_path / "searcher.pkl")
     searcher.save(state)
     restored, _ = _searcher(tmp_path)
     restored.restore(state)
-    assert BASELINE not in restored.suggest("third")
+    third = restored.suggest("third")
+    assert BASELINE not in third and third != second
+    fresh, _ = _searcher(tmp_path / "fresh")
+    fresh.suggest("base")
+    assert fresh.suggest("other") == second  # the same seed draws the same
 
 
 def test_baseline_can_be_switched_off_and_random_sampling_chosen(tmp_path):
