@@ -1,0 +1,885 @@
+"""Search quality: how many epochs the sweep's searcher and scheduler spend to find a good
+configuration, against random search without early stopping, on recorded training curves.
+
+    python benchmarks/search_quality.py record [--space search_spaces/lr.yaml] [--configs 64] [--jobs 2]
+        [--out benchmarks/data/search_quality.parquet] [--overrides KEY=VALUE ...] [--synthetic TRAIN VAL]
+    python benchmarks/search_quality.py replay [--table benchmarks/data/search_quality.parquet]
+        [--seeds 20] [--trials 48] [--sampler-variants] [--small]
+
+**record** trains `--configs` configurations of the space for all their epochs and keeps
+every epoch's figures. Config 0 is the baseline (`baseline_params`: the base config's own
+values). The others are scrambled Sobol points over all parameters (torch's
+`SobolEngine`, `--seed`; Optuna's `QMCSampler` would need scipy, which the project does
+not install), or Optuna's `RandomSampler(seed)` with `--sampler random`; either way each
+is taken by an Optuna trial through the space's `DefineByRun`, so a conditional parameter
+is set only where it is active. A configuration is `trial_config` + `--overrides` (dotted
+config keys on top of the space's base config, e.g. `data.image_size=64 train.epochs=2`)
+on the space's synthetic dataset (`--synthetic TRAIN VAL` changes its size), trained by
+`psdet.engine.train` on the CPU in one of `--jobs` worker processes, one torch thread
+each. Each finished configuration is written atomically to `<out>.parts/config_<i>.json`;
+a rerun of the same command skips those. At the end the Parquet table is assembled
+(atomically; left as it is when nothing changed): one row per (config, epoch) with
+`config_id`, one column per searched key (null where inactive), `epoch`, `slot_ap`,
+`point_ap`, `loss`, `train_s`, `eval_s` (and the space's metric, if another). A
+configuration whose loss went non-finite ends with a row of NaN at that epoch (its real
+trial errors there). The schema metadata holds the machine, torch version, git
+commit(s), command line, date, space file and text, overrides, synthetic data and epochs.
+
+**replay** runs whole sweeps against that table instead of training. One local Ray
+(127.0.0.1, 2 CPUs, no dashboard); for each seed and strategy a Tuner from
+`orchestrate.tuner.build_tuner`, the very construction orchestrate/tune.py uses (the
+Optuna searcher with the baseline as first trial, ASHA on `epoch` or FIFO), over the
+recorded space and overrides, varied only by `dataclasses.replace`:
+
+    random+fifo   sampler random, scheduler none
+    random+asha   sampler random, the space's ASHA
+    tpe+fifo      the space's TPE sampler, scheduler none
+    tpe+asha      the space as the sweep runs it (ours)
+
+each with `experiment.seed` = the seed, `num_samples` = `--trials`, no time budget,
+`experiment.max_concurrent` trials at once, an in-memory Optuna study. The trainable
+looks up the recorded configuration nearest to the trial's parameters (`NearestConfig`:
+the same values of the active choice parameters, then the nearest in the unit cube of
+the continuous ones, log-scaled where the parameter is; a recorded config with other
+choices only when none has the same, at a large penalty per differing choice) and
+reports its curve, one epoch per `EPOCH_S` seconds, until it ends or ASHA stops it.
+
+A Tune callback on the driver counts every result in arrival order (one result = one
+epoch spent) and keeps the best metric so far. Per run: the epochs spent when the best
+first reaches the **target**, the 95th percentile (5th for mode min) of the recorded
+configs' final-epoch metric; and the best at the **budget**, num_samples x max_epochs
+of the space (the demo sweep without early stopping: 12 x 8 = 96 epochs), or at the
+run's end if it spent fewer. The table shows medians and interquartile ranges per
+strategy; runs that never reach the target count as infinitely many epochs.
+`--sampler-variants` adds tpe+asha runs with other TPE settings (startup trials,
+multivariate+group, constant liar), same seeds. `--small`: 2 seeds of 6 trials (CI).
+
+Last line: `search_quality: ratio=X random_fifo_epochs=A tpe_asha_epochs=B target=T
+budget_epochs=N tpe_asha_best=... random_fifo_best=... seeds=S`, X = A / B (medians of
+epochs to target; `inf` where random+fifo's median run never reached it, `nan` where
+neither did, 0 where only tpe+asha's did not).
+
+A missing or foreign table, a bad space or override: one line and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import multiprocessing
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray is imported: loopback only
+
+import numpy as np  # noqa: E402
+
+from common import Column, Table, deadline, summary_line  # noqa: E402
+from orchestrate.search import strip_baseline  # noqa: E402
+from orchestrate.space import DefineByRun, Param, SweepSpec, baseline_params, load_space, trial_config  # noqa: E402
+from psdet.config import config_from_dict, parse_override, set_dotted, to_dict  # noqa: E402
+from psdet.errors import ConfigError, UserError  # noqa: E402
+from psdet.reporting import TOTAL_EPOCHS  # noqa: E402
+
+EXIT_USER_ERROR = 2
+NUM_CPUS = 2
+EPOCH_S = 0.02  # replayed seconds per epoch: concurrent trials interleave their reports as real ones do
+EPOCH_COLUMNS = ("slot_ap", "point_ap", "loss", "train_s", "eval_s")
+TARGET_PERCENTILE = 95
+CHOICE_PENALTY = 1000.0  # per differing choice: above any distance in the unit cube of the continuous ones
+STRATEGIES = ("random+fifo", "random+asha", "tpe+fifo", "tpe+asha")
+DEFAULT_SPACE = ROOT / "search_spaces" / "lr.yaml"
+DEFAULT_TABLE = ROOT / "benchmarks" / "data" / "search_quality.parquet"
+RUN_TIMEOUT_S = 900
+
+
+# ----------------------------------------------------------------------------- the space as recorded
+
+
+def with_overrides(spec: SweepSpec, overrides: list[str]) -> SweepSpec:
+    """`spec` with dotted config overrides applied to its base config (so `max_epochs` and
+    every trial see them). ConfigError for a searched key or a value the config rejects."""
+    if not overrides:
+        return spec
+    tree = copy.deepcopy(spec.base_tree)
+    searched = {param.key for param in spec.search}
+    for text in overrides:
+        key, value = parse_override(text)
+        if key in searched:
+            raise ConfigError(f"--overrides {text}: '{key}' is searched by {spec.path}; override only fixed keys")
+        if key == "data.root":
+            raise ConfigError(f"--overrides {text}: the dataset is the space's synthetic one (see --synthetic)")
+        set_dotted(tree, key, value)
+    config_from_dict(tree, source=f"--overrides {' '.join(overrides)}")
+    spec = dataclasses.replace(spec, base_tree=tree)
+    if spec.scheduler.type == "asha" and spec.scheduler.grace_period > spec.max_epochs:
+        raise ConfigError(f"--overrides: {spec.path}'s scheduler.grace_period ({spec.scheduler.grace_period}) "
+                          f"is longer than a trial ({spec.max_epochs} epochs)")
+    return spec
+
+
+def with_synthetic(spec: SweepSpec, size: list[int] | None) -> SweepSpec:
+    if not size:
+        return spec
+    train, val = size
+    if train < 1 or val < 1:
+        raise ConfigError(f"--synthetic {train} {val}: needs at least one training and one validation image")
+    synthetic = dataclasses.replace(spec.experiment.synthetic_data, train=train, val=val)
+    return dataclasses.replace(spec, experiment=dataclasses.replace(spec.experiment, synthetic_data=synthetic))
+
+
+def from_unit(param: Param, u: float) -> Any:
+    """The value of `param` at `u` in [0, 1): uniform over its choices, its integers (by
+    step), its range, or its log range (loguniform, log ints)."""
+    if param.type == "choice":
+        return param.values[min(int(u * len(param.values)), len(param.values) - 1)]
+    if param.type == "int" and not param.log:
+        steps = (param.high - param.low) // param.step
+        return param.low + min(int(u * (steps + 1)), steps) * param.step
+    if param.type == "loguniform" or param.log:
+        value = math.exp(math.log(param.low) + u * (math.log(param.high) - math.log(param.low)))
+    else:
+        value = param.low + u * (param.high - param.low)
+    return min(max(round(value), param.low), param.high) if param.type == "int" else value
+
+
+def draw_configs(spec: SweepSpec, count: int, sampler: str, seed: int) -> list[dict[str, Any]]:
+    """`count` configurations (searched key -> value, active keys only); the first is the
+    baseline. "sobol": one scrambled Sobol point (torch.quasirandom, `seed`) per config
+    over all parameters, mapped by `from_unit`, enqueued into an Optuna study whose trial
+    takes its values through the space's `DefineByRun` (so only the parameters active for
+    the drawn choices are set); "random": Optuna's RandomSampler(seed) through `DefineByRun`."""
+    import optuna
+    import torch
+
+    configs = [baseline_params(spec)]
+    if count <= 1:
+        return configs[:count]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))  # in memory
+    space = DefineByRun(spec.search)
+    points = []
+    if sampler == "sobol":
+        engine = torch.quasirandom.SobolEngine(dimension=len(spec.search), scramble=True, seed=seed)
+        points = engine.draw(count - 1, dtype=torch.float64).tolist()
+    for point in points or [None] * (count - 1):
+        if point is not None:
+            drawn = {param.key: from_unit(param, u) for param, u in zip(spec.search, point)}
+            chosen: dict[str, Any] = {}
+            for param in spec.search:
+                if param.active(chosen):
+                    chosen[param.key] = drawn[param.key]
+            study.enqueue_trial(chosen)
+        trial = study.ask()
+        space(trial)
+        configs.append({param.key: trial.params[param.key] for param in spec.search if param.key in trial.params})
+        study.tell(trial, 0.0)
+    return configs
+
+
+# ----------------------------------------------------------------------------- record: one worker process
+
+
+class EpochRecorder:
+    """psdet.engine's reporter: keeps each evaluation's figures; always starts fresh."""
+
+    def __init__(self, columns: tuple[str, ...]) -> None:
+        self.columns = columns
+        self.epochs: list[dict[str, float]] = []
+
+    def latest_checkpoint(self) -> None:
+        return None
+
+    def report(self, metrics: dict[str, float], checkpoint) -> None:
+        self.epochs.append({"epoch": int(metrics["epoch"]), **{key: float(metrics[key]) for key in self.columns}})
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def train_recorded(config_id: int, tree: dict, columns: tuple[str, ...], scratch: str) -> dict[str, Any]:
+    """Train one configuration (a full config tree) on the CPU; -> its epochs' figures. The
+    engine's log goes to a file, not the console; a non-finite loss ends the curve."""
+    from psdet.engine import train
+    from psdet.errors import NonFiniteLossError
+
+    cfg = config_from_dict(tree, source=f"config {config_id}")
+    cfg.train.device = "cpu"
+    recorder = EpochRecorder(columns)
+    started = time.perf_counter()
+    diverged = None
+    out_dir = Path(tempfile.mkdtemp(prefix=f"config_{config_id}-", dir=scratch))
+    try:
+        with open(out_dir / "console.log", "w") as console, contextlib.redirect_stderr(console):
+            try:
+                train(cfg, out_dir, recorder)
+            except NonFiniteLossError as exc:
+                diverged = str(exc)
+    except Exception as exc:
+        tail = (out_dir / "console.log").read_text()[-3000:]
+        raise RuntimeError(f"config {config_id} failed: {exc}\n{tail}") from exc
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    epochs = recorder.epochs
+    if diverged is not None:
+        epochs.append({"epoch": len(epochs) + 1, **{key: math.nan for key in columns}})
+    return {"config_id": config_id, "epochs": epochs, "diverged": diverged, "wall_s": time.perf_counter() - started}
+
+
+# ----------------------------------------------------------------------------- record: the driver
+
+
+def _git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _machine() -> str:
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _columns(spec: SweepSpec) -> tuple[str, ...]:
+    metric = spec.experiment.metric
+    return EPOCH_COLUMNS if metric in EPOCH_COLUMNS else (*EPOCH_COLUMNS, metric)
+
+
+def record(args: argparse.Namespace) -> int:
+    from orchestrate.data import ensure_synthetic
+
+    space_path = Path(args.space)
+    if not space_path.is_file():
+        raise UserError(f"--space {space_path}: no such file")
+    if args.configs < 1 or args.jobs < 1:
+        raise UserError("--configs and --jobs must be >= 1")
+    spec = with_synthetic(with_overrides(load_space(space_path), args.overrides), args.synthetic)
+    out = Path(args.out)
+    parts = out.with_name(out.name + ".parts")
+    run_key = {"space_text": space_path.read_text(), "overrides": args.overrides,
+               "synthetic": dataclasses.asdict(spec.experiment.synthetic_data), "sampler": args.sampler,
+               "seed": args.seed}
+    parts.mkdir(parents=True, exist_ok=True)
+    key_file = parts / "run.json"
+    if key_file.is_file() and json.loads(key_file.read_text()) != run_key:
+        raise UserError(f"{parts} holds configs of another recording (space, overrides, synthetic data or "
+                        "sampler differ); delete it or choose another --out")
+    _write_atomically(key_file, json.dumps(run_key, indent=1).encode())
+
+    configs = draw_configs(spec, args.configs, args.sampler, args.seed)
+    data_root, made = ensure_synthetic(spec.experiment.synthetic_data)
+    trees = [to_dict(trial_config(spec, params, data_root)) for params in configs]  # ConfigError before training
+    columns = _columns(spec)
+    done: dict[int, dict] = {}
+    for config_id, params in enumerate(configs):
+        part_file = parts / f"config_{config_id}.json"
+        if part_file.is_file():
+            part = json.loads(part_file.read_text())
+            if part["params"] != params:
+                raise UserError(f"{part_file} holds other parameters than config {config_id} of this draw; "
+                                f"delete {parts} to start over")
+            done[config_id] = part
+    todo = [config_id for config_id in range(len(configs)) if config_id not in done]
+    print(f"search quality, record: {len(configs)} configs of {space_path} ({spec.max_epochs} epochs"
+          + (f", overrides {' '.join(args.overrides)}" if args.overrides else "") + f"), synthetic data "
+          f"{spec.experiment.synthetic_data.train} + {spec.experiment.synthetic_data.val} images "
+          f"({'made' if made else 'cached'} at {data_root}); {len(done)} already recorded in {parts}, "
+          f"{len(todo)} to train, {args.jobs} at a time, 1 torch thread each", flush=True)
+
+    commit, command = _git_commit(), "python " + shlex.join(sys.argv)
+    if todo:
+        os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the workers before torch starts
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="psdet-search-quality-") as scratch, ProcessPoolExecutor(
+                max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker) as pool:
+            futures = [pool.submit(train_recorded, config_id, trees[config_id], columns, scratch)
+                       for config_id in todo]
+            for finished, future in enumerate(as_completed(futures), start=1):
+                try:
+                    result = future.result()
+                except BaseException:  # a failed config or Ctrl-C: train no further configs
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+                config_id = result["config_id"]
+                part = {"config_id": config_id, "params": configs[config_id], **result, "commit": commit,
+                        "command": command, "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+                _write_atomically(parts / f"config_{config_id}.json", json.dumps(part).encode())
+                done[config_id] = part
+                elapsed = time.monotonic() - started
+                eta = elapsed / finished * (len(todo) - finished)
+                last = result["epochs"][-1] if result["epochs"] else {}
+                metric = spec.experiment.metric
+                figure = "diverged" if result["diverged"] else f"{metric} {last.get(metric, math.nan):.3f}"
+                print(f"config {config_id:>3} ({finished}/{len(todo)}): {figure} after {len(result['epochs'])} "
+                      f"epochs, {result['wall_s']:.0f} s; ETA {eta / 60:.1f} min", flush=True)
+
+    parts_in_order = [done[config_id] for config_id in range(len(configs))]
+    table = assemble_table(spec.search, configs, [part["epochs"] for part in parts_in_order], columns,
+                           recording_metadata(spec, space_path, args, parts_in_order, command))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if todo or not out.is_file() or not _read_parquet(out).equals(table):
+        _write_parquet(table, out)
+    else:
+        print(f"{out} is up to date")
+    finals = [part["epochs"][-1].get(spec.experiment.metric, math.nan) for part in done.values() if part["epochs"]]
+    print(f"wrote {out}: {table.num_rows} rows, {len(configs)} configs; final {spec.experiment.metric}: "
+          f"median {np.nanmedian(finals):.3f}, best {np.nanmax(finals):.3f}, baseline "
+          f"{done[0]['epochs'][-1][spec.experiment.metric]:.3f}")
+    print(summary_line("search_quality_record", configs=len(configs), trained=len(todo), epochs=spec.max_epochs,
+                       rows=table.num_rows))
+    return 0
+
+
+def assemble_table(search: tuple[Param, ...], configs: list[dict[str, Any]], curves: list[list[dict[str, float]]],
+                   columns: tuple[str, ...], metadata: dict[str, str]):
+    """The Parquet table: one row per (config, epoch), `curves[i]` holding config i's
+    epochs ({"epoch": 1.., column: value}); `metadata` as the schema's."""
+    import pyarrow as pa
+
+    rows = [(config_id, epoch) for config_id, curve in enumerate(curves) for epoch in curve]
+    data: dict[str, list] = {"config_id": [config_id for config_id, _ in rows]}
+    for param in search:
+        data[param.key] = [configs[config_id].get(param.key) for config_id, _ in rows]
+    data["epoch"] = [epoch["epoch"] for _, epoch in rows]
+    for column in columns:
+        data[column] = [epoch[column] for _, epoch in rows]
+    return pa.table(data).replace_schema_metadata(metadata)
+
+
+def recording_metadata(spec: SweepSpec, space_path: Path, args: argparse.Namespace, parts: list[dict],
+                       command: str) -> dict[str, str]:
+    import torch
+
+    finished = sorted(part["finished"] for part in parts)
+    engine_s = sum(epoch["train_s"] + epoch["eval_s"] for part in parts for epoch in part["epochs"]
+                   if math.isfinite(epoch["train_s"]))
+    return {
+        "machine": _machine(), "torch": torch.__version__, "python": platform.python_version(),
+        "commit": ",".join(sorted({part["commit"] for part in parts})), "command": command,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "trained": f"{finished[0]} .. {finished[-1]}",
+        "space_file": str(space_path), "space_text": space_path.read_text(), "overrides": json.dumps(args.overrides),
+        "synthetic": json.dumps(dataclasses.asdict(spec.experiment.synthetic_data)), "epochs": str(spec.max_epochs),
+        "sampler": f"{args.sampler} seed {args.seed}", "diverged": str(sum(1 for part in parts if part["diverged"])),
+        "engine_s": f"{engine_s:.0f}",
+    }
+
+
+def _read_parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path)
+
+
+def _write_parquet(table, out: Path) -> None:
+    import pyarrow.parquet as pq
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, out)
+
+
+# ----------------------------------------------------------------------------- the recorded table
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A recorded table: the space as it was recorded (overrides applied), each config's
+    parameters (active keys) and curve (column -> [epochs] array), the metadata."""
+
+    spec: SweepSpec
+    configs: list[dict[str, Any]]
+    curves: list[dict[str, np.ndarray]]
+    metadata: dict[str, str]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return _columns(self.spec)
+
+    def finals(self) -> np.ndarray:
+        """Each config's metric after its last epoch; NaN for one that diverged."""
+        metric, epochs = self.spec.experiment.metric, self.spec.max_epochs
+        return np.array([curve[metric][-1] if len(curve[metric]) == epochs else math.nan for curve in self.curves])
+
+    def target(self) -> float:
+        finals = self.finals()
+        finals = finals[np.isfinite(finals)]
+        if not len(finals):
+            raise UserError("no recorded config ran all its epochs: there is no target")
+        percentile = TARGET_PERCENTILE if self.spec.experiment.mode == "max" else 100 - TARGET_PERCENTILE
+        return float(np.percentile(finals, percentile))
+
+    def budget_epochs(self) -> int:
+        """The demo sweep's epochs without early stopping: its trials x their epochs."""
+        return self.spec.experiment.num_samples * self.spec.max_epochs
+
+
+def read_table(path: str | Path) -> Recorded:
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--table {path}: no such file (make one with: python benchmarks/search_quality.py record)")
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's
+        raise UserError(f"--table {path}: not a Parquet file ({exc})") from None
+    metadata = {key.decode(): value.decode() for key, value in (table.schema.metadata or {}).items()}
+    missing = [key for key in ("space_file", "space_text", "overrides") if key not in metadata]
+    if missing:
+        raise UserError(f"--table {path}: not a search_quality table (no '{missing[0]}' in its metadata)")
+    with tempfile.TemporaryDirectory(prefix="psdet-search-quality-space-") as tmp:
+        space_file = Path(tmp) / Path(metadata["space_file"]).name
+        space_file.write_text(metadata["space_text"])
+        spec = with_overrides(load_space(space_file), json.loads(metadata["overrides"]))
+    columns = _columns(spec)
+    needed = ["config_id", "epoch", *columns, *(param.key for param in spec.search)]
+    absent = [column for column in needed if column not in table.column_names]
+    if absent:
+        raise UserError(f"--table {path}: no column '{absent[0]}'")
+    rows = table.to_pydict()
+    ids = sorted(set(rows["config_id"]))
+    if not ids:
+        raise UserError(f"--table {path}: holds no configs")
+    if ids != list(range(len(ids))):
+        raise UserError(f"--table {path}: config ids are not 0..{len(ids) - 1}")
+    order = sorted(range(table.num_rows), key=lambda row: (rows["config_id"][row], rows["epoch"][row]))
+    configs: list[dict[str, Any]] = [{} for _ in ids]
+    epochs: list[list[int]] = [[] for _ in ids]
+    for row in order:
+        config_id = rows["config_id"][row]
+        configs[config_id] = {param.key: rows[param.key][row] for param in spec.search
+                              if rows[param.key][row] is not None}
+        epochs[config_id].append(row)
+    curves = [{column: np.array([rows[column][row] for row in config_rows], dtype=float)
+               for column in ("epoch", *columns)} for config_rows in epochs]
+    for config_id, curve in enumerate(curves):
+        if list(curve["epoch"]) != list(range(1, len(curve["epoch"]) + 1)):
+            raise UserError(f"--table {path}: config {config_id}'s epochs are not 1..{len(curve['epoch'])}")
+    return Recorded(spec=spec, configs=configs, curves=curves, metadata=metadata)
+
+
+class NearestConfig:
+    """The recorded configuration nearest to a trial's parameters.
+
+    Nearest means: the same value of every choice parameter (an inactive one counts as the
+    value None), and among those the smallest Euclidean distance between the continuous
+    parameters scaled to [0, 1] by their bounds (log scale for loguniform and log ints).
+    A continuous parameter active in only one of the two adds 1 (the whole range). Where no
+    recorded config has the same choices, every differing choice adds CHOICE_PENALTY.
+    Ties go to the lowest config id."""
+
+    def __init__(self, search: tuple[Param, ...], configs: list[dict[str, Any]]) -> None:
+        self.choices = [param for param in search if param.type == "choice"]
+        self.numeric = [param for param in search if param.type != "choice"]
+        self.recorded_choices = np.array([self._choice_row(params) for params in configs], dtype=object)
+        self.recorded_unit = np.array([self.unit(params) for params in configs], dtype=float)
+        self.recorded_choices = self.recorded_choices.reshape(len(configs), len(self.choices))
+        self.recorded_unit = self.recorded_unit.reshape(len(configs), len(self.numeric))
+
+    def _choice_row(self, params: dict[str, Any]) -> list[Any]:
+        return [params.get(param.key) for param in self.choices]
+
+    def unit(self, params: dict[str, Any]) -> np.ndarray:
+        """The continuous parameters in [0, 1]: [len(numeric)], NaN where inactive."""
+        values = []
+        for param in self.numeric:
+            value = params.get(param.key)
+            if value is None:
+                values.append(math.nan)
+            elif param.high == param.low:
+                values.append(0.0)
+            elif param.type == "loguniform" or param.log:
+                values.append((math.log(value) - math.log(param.low)) / (math.log(param.high) - math.log(param.low)))
+            else:
+                values.append((value - param.low) / (param.high - param.low))
+        return np.array(values, dtype=float)
+
+    def distances(self, params: dict[str, Any]) -> np.ndarray:
+        """[configs] distances of every recorded config to `params`."""
+        query_choices = np.array(self._choice_row(params), dtype=object)
+        mismatches = (self.recorded_choices != query_choices).sum(axis=1) if self.choices else 0
+        query = self.unit(params)
+        recorded_active, query_active = ~np.isnan(self.recorded_unit), ~np.isnan(query)
+        both = recorded_active & query_active
+        squared = np.where(both, (np.nan_to_num(self.recorded_unit) - np.nan_to_num(query)) ** 2, 0.0)
+        squared += recorded_active ^ query_active
+        return CHOICE_PENALTY * mismatches + np.sqrt(squared.sum(axis=1))
+
+    def nearest(self, params: dict[str, Any]) -> int:
+        return int(np.argmin(self.distances(params)))
+
+
+# ----------------------------------------------------------------------------- replay: the trial and the count
+
+
+@dataclass(frozen=True)
+class ReplayData:
+    """What every replayed trial needs: the lookup and the curves (plain data, pickled once a run)."""
+
+    lookup: NearestConfig
+    curves: list[dict[str, np.ndarray]]
+    columns: tuple[str, ...]
+    epochs: int
+    epoch_s: float
+
+
+def replay_trial(config: dict[str, Any], replay: ReplayData) -> None:
+    """A function trainable: the recorded curve of the config nearest to this trial's parameters."""
+    from ray import tune
+
+    params, _ = strip_baseline(config)
+    config_id = replay.lookup.nearest(params)
+    curve = replay.curves[config_id]
+    for index in range(len(curve["epoch"])):
+        time.sleep(replay.epoch_s)
+        tune.report({"epoch": index + 1, **{column: float(curve[column][index]) for column in replay.columns},
+                     TOTAL_EPOCHS: replay.epochs, "config_id": config_id})
+
+
+class EpochAccount:
+    """The epochs one run spends, counted on the driver in the order results arrive (each
+    result is one epoch of one trial), and the best `metric` so far."""
+
+    def __init__(self, metric: str, mode: str, target: float, budget: int) -> None:
+        self.metric, self.mode, self.target, self.budget = metric, mode, target, budget
+        self.epochs = 0
+        self.best: float | None = None
+        self.epochs_to_target: int | None = None
+        self.best_at_budget: float | None = None
+        self.trials: dict[str, dict[str, Any]] = {}  # in the order of their first result
+
+    def _better(self, value: float, than: float) -> bool:
+        return value > than if self.mode == "max" else value < than
+
+    def add(self, trial_id: str, result: dict[str, Any], params: dict[str, Any] | None = None) -> None:
+        self.epochs += 1
+        trial = self.trials.setdefault(trial_id, {"config_id": result.get("config_id"), "epochs": 0,
+                                                  "params": params})
+        trial["epochs"] += 1
+        value = result.get(self.metric)
+        if value is not None and math.isfinite(value) and (self.best is None or self._better(value, self.best)):
+            self.best = float(value)
+        if self.epochs_to_target is None and self.best is not None and not self._better(self.target, self.best):
+            self.epochs_to_target = self.epochs
+        if self.epochs == self.budget:
+            self.best_at_budget = self.best
+
+    def summary(self) -> dict[str, Any]:
+        """epochs_to_target (inf: never reached), best_at_budget (the best at the end if the
+        run spent fewer epochs), epochs and trials in all, and each trial's recorded config,
+        epochs and parameters."""
+        return {"epochs_to_target": self.epochs_to_target if self.epochs_to_target is not None else math.inf,
+                "best_at_budget": self.best_at_budget if self.best_at_budget is not None else self.best,
+                "epochs": self.epochs, "trials": len(self.trials), "trial_log": list(self.trials.values())}
+
+
+def _ledger_callback(account: EpochAccount, path: Path):
+    """A tune.Callback feeding `account`, which writes its summary to `path` at the end
+    (Tune may hold a copy of the callback: the file is what the driver reads back)."""
+    from ray import tune
+
+    class EpochLedger(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            account.add(trial.trial_id, result, strip_baseline(trial.config)[0])
+
+        def on_experiment_end(self, trials, **info) -> None:
+            _write_atomically(path, json.dumps(account.summary()).encode())
+
+    return EpochLedger()
+
+
+# ----------------------------------------------------------------------------- replay: strategies and runs
+
+
+def strategy_spec(spec: SweepSpec, strategy: str, seed: int, trials: int, sampler=None) -> SweepSpec:
+    """The recorded space as `strategy` ("random|tpe" + "fifo|asha") runs it: only the
+    sampler type (random drops the TPE flags), the scheduler type, the seed and the
+    number of trials change (and no time budget). `sampler` replaces the space's TPE settings."""
+    search, scheduler = strategy.split("+")
+    if search == "random":
+        chosen = dataclasses.replace(spec.sampler, type="random", multivariate=False, group=False,
+                                     constant_liar=False)
+    else:
+        chosen = sampler or spec.sampler
+    return dataclasses.replace(
+        spec, sampler=chosen,
+        scheduler=dataclasses.replace(spec.scheduler, type="asha" if scheduler == "asha" else "none"),
+        experiment=dataclasses.replace(spec.experiment, seed=seed, num_samples=trials, time_budget_s=None))
+
+
+def sampler_variants(spec: SweepSpec) -> dict[str, Any]:
+    """Label -> TPE settings: the space's, then each with one setting changed."""
+    space = spec.sampler
+    variants = {_describe(space) + " (the space's)": space}
+    for startup in (10, 4, 2):
+        if startup != space.n_startup_trials:
+            variant = dataclasses.replace(space, n_startup_trials=startup)
+            variants[_describe(variant)] = variant
+    joint = not space.multivariate
+    variant = dataclasses.replace(space, multivariate=joint, group=joint)
+    variants[_describe(variant)] = variant
+    variant = dataclasses.replace(space, constant_liar=not space.constant_liar)
+    variants[_describe(variant)] = variant
+    return variants
+
+
+def _describe(sampler) -> str:
+    joint = "mv+group" if sampler.multivariate and sampler.group else "mv" if sampler.multivariate else "indep"
+    return f"startup {sampler.n_startup_trials}, {joint}, {'liar' if sampler.constant_liar else 'no liar'}"
+
+
+def replay_run(recorded: Recorded, run_spec: SweepSpec, data: ReplayData, target: float, storage_root: Path,
+               name: str, timeout_s: int = RUN_TIMEOUT_S) -> dict[str, Any]:
+    """One whole sweep of `run_spec` over the replayed trainable; -> EpochAccount.summary()."""
+    import optuna
+    from ray import tune
+
+    from orchestrate.tuner import build_tuner
+
+    e = run_spec.experiment
+    account = EpochAccount(e.metric, e.mode, target, recorded.budget_epochs())
+    ledger = storage_root / f"{name}.json"
+    concurrency = e.max_concurrent
+    trainable = tune.with_resources(tune.with_parameters(replay_trial, replay=data),
+                                    {"CPU": min(1.0, NUM_CPUS / concurrency)})
+    tuner = build_tuner(run_spec, trainable, name=name, storage_root=str(storage_root),
+                        study_storage=optuna.storages.InMemoryStorage(), concurrency=concurrency,
+                        callbacks=[_ledger_callback(account, ledger)])
+    with deadline(timeout_s, f"replay run '{name}'"), contextlib.redirect_stdout(sys.stderr):
+        results = tuner.fit()
+    if results.errors:
+        raise RuntimeError(f"replay run '{name}': a trial failed: {results.errors[0]}")
+    summary = json.loads(ledger.read_text())
+    shutil.rmtree(storage_root / name, ignore_errors=True)
+    return summary
+
+
+def quantile(values: list[float], q: float) -> float:
+    """Linear-interpolated quantile that stays inf where an infinite value takes part
+    (numpy's gives nan for inf - inf and inf * 0)."""
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    position = q * (len(ordered) - 1)
+    low, high = math.floor(position), math.ceil(position)
+    fraction = position - low
+    if fraction == 0 or ordered[low] == ordered[high]:
+        return ordered[low]
+    if math.isinf(ordered[high]):
+        return math.inf
+    return ordered[low] + fraction * (ordered[high] - ordered[low])
+
+
+def replay_all(recorded: Recorded, seeds: int, trials: int, variants: bool, storage_root: Path,
+               epoch_s: float = EPOCH_S) -> dict[str, list[dict]]:
+    """Runs of every strategy (and sampler variant) for seeds 0..seeds-1, the strategies'
+    order rotating each seed; -> label -> one summary per seed. Needs a running Ray."""
+    spec = recorded.spec
+    if spec.sampler.type != "tpe":
+        raise ConfigError(f"{recorded.metadata['space_file']}: replay compares random search with the space's "
+                          "TPE sampler, but the space's sampler is random")
+    target = recorded.target()
+    data = ReplayData(lookup=NearestConfig(spec.search, recorded.configs), curves=recorded.curves,
+                      columns=recorded.columns, epochs=spec.max_epochs, epoch_s=epoch_s)
+    plans: dict[str, tuple[str, Any]] = {strategy: (strategy, None) for strategy in STRATEGIES}
+    if variants:
+        for label, sampler in list(sampler_variants(spec).items())[1:]:  # the space's own is tpe+asha
+            plans[f"tpe+asha {label}"] = ("tpe+asha", sampler)
+    runs: dict[str, list[dict]] = {label: [] for label in plans}
+    labels = list(plans)
+    for seed in range(seeds):
+        shift = seed % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            strategy, sampler = plans[label]
+            started = time.monotonic()
+            name = f"{label.replace('+', '_').replace(' ', '_').replace(',', '')}-seed{seed}"
+            summary = replay_run(recorded, strategy_spec(spec, strategy, seed, trials, sampler), data, target,
+                                 storage_root, name)
+            runs[label].append({"seed": seed, **summary})
+            print(f"seed {seed:>2} {label:<12}: {summary['epochs_to_target']} epochs to target, best at budget "
+                  f"{summary['best_at_budget']:.3f}, {summary['trials']} trials / {summary['epochs']} epochs, "
+                  f"{time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+    return runs
+
+
+def print_table(runs: dict[str, list[dict]], budget: int, width: int = 12) -> dict[str, dict[str, float]]:
+    """One row per strategy; -> label -> {epochs, best} medians."""
+    table = Table(Column("strategy", f"<{width}"), Column("runs", "4d"), Column("reached", ">7"),
+                  Column("epochs to target", "16.1f"), Column("p25", "6.1f"), Column("p75", "6.1f"),
+                  Column(f"best at {budget} epochs", "17.3f"), Column("p25", "6.3f"), Column("p75", "6.3f"),
+                  Column("epochs/trial", "12.1f"))
+    table.print_header()
+    medians = {}
+    for label, label_runs in runs.items():
+        epochs = [run["epochs_to_target"] for run in label_runs]
+        best = [run["best_at_budget"] if run["best_at_budget"] is not None else math.nan for run in label_runs]
+        reached = sum(1 for value in epochs if math.isfinite(value))
+        per_trial = sum(run["epochs"] for run in label_runs) / max(1, sum(run["trials"] for run in label_runs))
+        medians[label] = {"epochs": quantile(epochs, 0.5), "best": quantile(best, 0.5)}
+        table.print_row(label, len(label_runs), f"{reached}/{len(label_runs)}", medians[label]["epochs"],
+                        quantile(epochs, 0.25), quantile(epochs, 0.75), medians[label]["best"],
+                        quantile(best, 0.25), quantile(best, 0.75), per_trial)
+    return medians
+
+
+def epochs_ratio(random_fifo: float, tpe_asha: float) -> float:
+    """random+fifo's median epochs to target over tpe+asha's; inf / nan / 0 where one is infinite."""
+    if math.isinf(tpe_asha):
+        return math.nan if math.isinf(random_fifo) else 0.0
+    return random_fifo / tpe_asha
+
+
+def replay(args: argparse.Namespace) -> int:
+    recorded = read_table(args.table)
+    seeds = args.seeds if args.seeds is not None else 2 if args.small else 20
+    trials = args.trials if args.trials is not None else 6 if args.small else 48
+    if seeds < 1 or trials < 1:
+        raise UserError("--seeds and --trials must be >= 1")
+    spec, meta = recorded.spec, recorded.metadata
+    target, budget = recorded.target(), recorded.budget_epochs()
+    finals = recorded.finals()
+    better = finals >= target if spec.experiment.mode == "max" else finals <= target
+    import ray
+
+    print(f"search quality, replay of {args.table}: {len(recorded.configs)} configs of {meta['space_file']} "
+          f"({spec.max_epochs} epochs" + (f", overrides {' '.join(json.loads(meta['overrides']))}"
+                                           if json.loads(meta["overrides"]) else "")
+          + f"), recorded {meta.get('date', '?')} on {meta.get('machine', '?')}, commit {meta.get('commit', '?')}")
+    print(f"target: {spec.experiment.metric} {'>=' if spec.experiment.mode == 'max' else '<='} {target:.3f} "
+          f"(the {TARGET_PERCENTILE}th percentile of the recorded final-epoch values; {int(better.sum())} of "
+          f"{len(finals)} configs reach it; the baseline, config 0: {finals[0]:.3f}); budget: {budget} epochs "
+          f"({spec.experiment.num_samples} trials x {spec.max_epochs} epochs, the space's sweep without early "
+          "stopping)")
+    print(f"each run: {trials} trials, {spec.experiment.max_concurrent} at a time, seeds 0..{seeds - 1}; "
+          f"trials replay the nearest recorded config, {EPOCH_S:g} s per epoch; one local Ray ({NUM_CPUS} CPUs, "
+          f"Ray {ray.__version__}) for all runs\n", flush=True)
+    with tempfile.TemporaryDirectory(prefix="psdet-search-quality-") as tmp, replay_ray():
+        started = time.monotonic()
+        runs = replay_all(recorded, seeds, trials, args.sampler_variants, Path(tmp))
+        wall_s = time.monotonic() - started
+    if args.runs_json:
+        Path(args.runs_json).write_text(json.dumps({"target": target, "budget_epochs": budget, "runs": runs},
+                                                   indent=1, default=str))
+    main_runs = {label: runs[label] for label in STRATEGIES}
+    print(f"epochs spent until the best {spec.experiment.metric} so far reaches the target (a run that never "
+          f"does counts as inf; 'reached' says how many did), and the best {spec.experiment.metric} once "
+          f"{budget} epochs are spent; medians and quartiles over {seeds} seeds")
+    medians = print_table(main_runs, budget)
+    if args.sampler_variants:
+        variant_runs = {"tpe+asha " + list(sampler_variants(spec))[0]: runs["tpe+asha"],
+                        **{label: values for label, values in runs.items() if label not in STRATEGIES}}
+        print(f"\ntpe+asha with other TPE settings (same seeds; the first row is tpe+asha above)")
+        print_table(variant_runs, budget, width=max(len(label) for label in variant_runs))
+    ratio = epochs_ratio(medians["random+fifo"]["epochs"], medians["tpe+asha"]["epochs"])
+    print(f"\n{len(runs) * seeds} runs in {wall_s:.0f} s")
+    infinite = [label for label in ("random+fifo", "tpe+asha") if math.isinf(medians[label]["epochs"])]
+    if infinite:
+        print(f"note: the median run of {' and '.join(infinite)} never reached the target within {trials} trials, "
+              f"so ratio={ratio:.2f} is no ratio of two counts (inf: random+fifo's median is infinite; "
+              "nan: both are; 0: only tpe+asha's is)")
+    random_fifo, tpe_asha = medians["random+fifo"], medians["tpe+asha"]
+    print(summary_line("search_quality", ratio=f"{ratio:.2f}", random_fifo_epochs=f"{random_fifo['epochs']:.1f}",
+                       tpe_asha_epochs=f"{tpe_asha['epochs']:.1f}", target=f"{target:.3f}", budget_epochs=budget,
+                       tpe_asha_best=f"{tpe_asha['best']:.3f}", random_fifo_best=f"{random_fifo['best']:.3f}",
+                       seeds=seeds))
+    return 0
+
+
+@contextlib.contextmanager
+def replay_ray():
+    """A fresh local Ray on 127.0.0.1 with NUM_CPUS CPUs and no dashboard; always shut down."""
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no per-trial result files: nothing reads them
+    import optuna
+    import ray
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the searcher's tell() logs every trial otherwise
+    # Each run's ResultGrid looks for the per-trial result files the line above turns off.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    python_path = os.pathsep.join([str(ROOT), str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")])
+    ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False,
+             object_store_memory=256 * 1024 * 1024,
+             runtime_env={"env_vars": {"PYTHONPATH": python_path.rstrip(os.pathsep)}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="search_quality.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    rec = commands.add_parser("record", help="train configurations of the space and keep every epoch's figures")
+    rec.add_argument("--space", default=str(DEFAULT_SPACE.relative_to(ROOT)), help="search-space YAML")
+    rec.add_argument("--configs", type=int, default=64, help="configurations, the baseline first (default 64)")
+    rec.add_argument("--jobs", type=int, default=2, help="worker processes, one torch thread each (default 2)")
+    rec.add_argument("--out", default=str(DEFAULT_TABLE.relative_to(ROOT)), help="the Parquet table to write")
+    rec.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                     help="dotted config overrides on top of the space's base config")
+    rec.add_argument("--synthetic", nargs=2, type=int, metavar=("TRAIN", "VAL"),
+                     help="synthetic dataset size (default: the space's)")
+    rec.add_argument("--sampler", choices=("sobol", "random"), default="sobol",
+                     help="how configs 1.. are drawn (default: scrambled Sobol)")
+    rec.add_argument("--seed", type=int, default=0, help="the draw's seed (default 0)")
+    rep = commands.add_parser("replay", help="run the sweep's strategies over the recorded curves")
+    rep.add_argument("--table", default=str(DEFAULT_TABLE.relative_to(ROOT)), help="a table `record` wrote")
+    rep.add_argument("--seeds", type=int, default=None, help="runs per strategy, seeds 0.. (default 20)")
+    rep.add_argument("--trials", type=int, default=None, help="trials per run (default 48)")
+    rep.add_argument("--sampler-variants", action="store_true", help="also tpe+asha with other TPE settings")
+    rep.add_argument("--small", action="store_true", help="CI: 2 seeds of 6 trials")
+    rep.add_argument("--runs-json", metavar="PATH", help="also write every run's figures to PATH")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "record":
+            return record(args)
+        return replay(args)
+    except UserError as exc:
+        print(f"search_quality.py: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

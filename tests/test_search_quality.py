@@ -1,0 +1,262 @@
+"""benchmarks/search_quality.py: recording curves (resumable), the nearest recorded config,
+the epoch accounting, and a replay through the sweep's own Tuner on a hand-made table.
+
+The record and replay tests run the CLI in a subprocess at its smallest size; the replay
+one starts the only Ray of this module. No timing is asserted.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import search_quality as sq  # noqa: E402
+
+from orchestrate.space import baseline_params, load_space  # noqa: E402
+
+LR_SPACE = REPO / "search_spaces" / "lr.yaml"
+TINY = ["--configs", "3", "--jobs", "1", "--synthetic", "8", "4", "--overrides", "data.image_size=64",
+        "train.epochs=2", "data.batch_size=4", "data.val_batch_size=4"]
+LAST_LINE = re.compile(r"^search_quality: (?P<pairs>\w+=\S+(?: \w+=\S+)*)$")
+
+
+def _cli(args: list[str], timeout: float, expect: int = 0) -> subprocess.CompletedProcess:
+    completed = subprocess.run([sys.executable, "benchmarks/search_quality.py", *args], cwd=REPO, capture_output=True,
+                               text=True, timeout=timeout,
+                               env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_NUM_THREADS": "1"})
+    assert completed.returncode == expect, f"exit {completed.returncode}:\n{completed.stdout[-3000:]}\n" \
+                                           f"{completed.stderr[-3000:]}"
+    return completed
+
+
+# ----------------------------------------------------------------------------- the nearest recorded config
+
+
+def _hand_configs() -> list[dict]:
+    return [
+        {"optim.optimizer": "adam_onecycle", "optim.lr": 3e-3, "optim.weight_decay": 1e-2},
+        {"optim.optimizer": "adamw", "optim.lr": 1e-3, "optim.weight_decay": 1e-4, "optim.scheduler": "cosine",
+         "optim.warmup": "none"},
+        {"optim.optimizer": "adamw", "optim.lr": 1e-2, "optim.weight_decay": 1e-4, "optim.scheduler": "cosine",
+         "optim.warmup": "none"},
+        {"optim.optimizer": "sgd", "optim.lr": 1e-3, "optim.weight_decay": 1e-3, "optim.momentum": 0.9,
+         "optim.scheduler": "constant", "optim.warmup": "linear", "optim.warmup_epochs": 1.0},
+    ]
+
+
+def test_nearest_config_is_nearest_on_a_log_scale_among_the_same_choices():
+    lookup = sq.NearestConfig(load_space(LR_SPACE).search, _hand_configs())
+    adamw = {"optim.optimizer": "adamw", "optim.weight_decay": 1e-4, "optim.scheduler": "cosine",
+             "optim.warmup": "none"}
+    # lr 4e-3 is nearer 1e-3 on a linear scale, nearer 1e-2 on lr's log scale [3e-4, 3e-2]:
+    # log10(4e-3 / 3e-4) / 2 = 0.5625 against 0.2614 (1e-3) and 0.7614 (1e-2)
+    distances = lookup.distances({**adamw, "optim.lr": 4e-3})
+    assert distances[1:3] == pytest.approx([0.5625 - 0.2614, 0.7614 - 0.5625], abs=1e-3)
+    assert lookup.nearest({**adamw, "optim.lr": 4e-3}) == 2
+    assert lookup.nearest({**adamw, "optim.lr": 2e-3}) == 1
+    # the baseline's own values: config 0, at distance 0
+    assert lookup.nearest(_hand_configs()[0]) == 0
+    assert lookup.distances(_hand_configs()[0])[0] == 0
+
+
+def test_nearest_config_matches_choices_before_distance():
+    lookup = sq.NearestConfig(load_space(LR_SPACE).search, _hand_configs())
+    # sgd with every continuous value far from config 3's: still config 3, the only sgd + constant + linear
+    far_sgd = {"optim.optimizer": "sgd", "optim.lr": 3e-2, "optim.weight_decay": 1e-1, "optim.momentum": 0.8,
+               "optim.scheduler": "constant", "optim.warmup": "linear", "optim.warmup_epochs": 2.0}
+    assert lookup.nearest(far_sgd) == 3
+    # adamw + constant + none has no recorded twin: the fewest differing choices win (config 1: the
+    # scheduler; 2 too, but farther in lr), each difference costing CHOICE_PENALTY
+    no_twin = {"optim.optimizer": "adamw", "optim.lr": 1e-3, "optim.weight_decay": 1e-4,
+               "optim.scheduler": "constant", "optim.warmup": "none"}
+    assert lookup.nearest(no_twin) == 1
+    assert lookup.distances(no_twin)[1] == pytest.approx(sq.CHOICE_PENALTY)
+    # sgd + constant + linear, without warmup_epochs in the lookup of a made-up config: the
+    # continuous parameter active on one side only adds the whole range, 1
+    one_sided = {key: value for key, value in _hand_configs()[3].items() if key != "optim.warmup_epochs"}
+    assert lookup.distances(one_sided)[3] == pytest.approx(1.0)
+
+
+def test_nearest_config_ties_go_to_the_lowest_id():
+    configs = _hand_configs()
+    lookup = sq.NearestConfig(load_space(LR_SPACE).search, [configs[1], configs[0], configs[1]])
+    assert lookup.nearest(configs[1]) == 0
+
+
+# ----------------------------------------------------------------------------- the accounting
+
+
+def test_epoch_account_counts_results_in_arrival_order():
+    account = sq.EpochAccount("slot_ap", "max", target=0.5, budget=4)
+    for trial, value in [("a", 0.1), ("b", 0.3), ("a", 0.2), ("b", 0.45), ("a", 0.6), ("b", 0.7)]:
+        account.add(trial, {"slot_ap": value, "config_id": ord(trial)})
+    summary = account.summary()
+    assert summary["epochs_to_target"] == 5  # 0.6 is the fifth result
+    assert summary["best_at_budget"] == 0.45  # after 4 results
+    assert summary["epochs"] == 6 and summary["trials"] == 2
+    assert [t["epochs"] for t in summary["trial_log"]] == [3, 3]
+
+    short = sq.EpochAccount("loss", "min", target=0.2, budget=10)
+    for value in (0.9, math.nan, 0.3):
+        short.add("a", {"loss": value})
+    assert short.summary()["epochs_to_target"] == math.inf  # never reached: inf
+    assert short.summary()["best_at_budget"] == 0.3  # ended before the budget: its final best
+
+
+def test_quantile_and_ratio_stay_meaningful_with_runs_that_never_reach_the_target():
+    inf = math.inf
+    assert sq.quantile([4, 8, 12, 16], 0.5) == 10
+    assert sq.quantile([4, 8, inf, inf], 0.5) == inf
+    assert sq.quantile([4, 8, 12, inf, inf], 0.5) == 12  # numpy gives nan here
+    assert sq.quantile([4, 8, inf], 0.25) == 6
+    assert sq.epochs_ratio(48, 12) == 4
+    assert sq.epochs_ratio(inf, 12) == inf
+    assert math.isnan(sq.epochs_ratio(inf, inf))
+    assert sq.epochs_ratio(12, inf) == 0
+
+
+def test_strategies_vary_only_sampler_scheduler_seed_and_trials():
+    spec = load_space(LR_SPACE)
+    ours = sq.strategy_spec(spec, "tpe+asha", seed=7, trials=30)
+    assert ours.sampler == spec.sampler and ours.scheduler == spec.scheduler
+    assert (ours.experiment.seed, ours.experiment.num_samples) == (7, 30)
+    assert ours.search == spec.search and ours.base_tree == spec.base_tree
+    assert ours.experiment.max_concurrent == spec.experiment.max_concurrent == 2
+    assert ours.experiment.baseline
+    random_fifo = sq.strategy_spec(spec, "random+fifo", seed=7, trials=30)
+    assert random_fifo.sampler.type == "random" and not random_fifo.sampler.multivariate
+    assert not random_fifo.sampler.constant_liar and random_fifo.scheduler.type == "none"
+    variants = sq.sampler_variants(spec)
+    assert list(variants.values())[0] == spec.sampler
+    assert {v.n_startup_trials for v in variants.values()} == {10, 4, 2}
+    assert any(not v.multivariate for v in variants.values()) and any(not v.constant_liar for v in variants.values())
+
+
+def test_draws_start_with_the_baseline_and_set_only_active_parameters():
+    spec = load_space(LR_SPACE)
+    configs = sq.draw_configs(spec, 16, "sobol", seed=3)
+    assert configs[0] == baseline_params(spec)
+    assert configs == sq.draw_configs(spec, 16, "sobol", seed=3)
+    assert configs[1:] != sq.draw_configs(spec, 16, "sobol", seed=4)[1:]
+    for params in configs:
+        chosen = {}
+        for param in spec.search:
+            if param.active(chosen):
+                chosen[param.key] = params[param.key]
+        assert params == chosen  # exactly the active keys, each drawn
+    assert {params["optim.optimizer"] for params in configs[1:]} == {"adam_onecycle", "adamw", "sgd"}
+    assert len(sq.draw_configs(spec, 5, "random", seed=0)) == 5
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def test_record_writes_every_epoch_and_resumes(tmp_path):
+    out = tmp_path / "curves.parquet"
+    first = _cli(["record", *TINY, "--out", str(out)], timeout=300)
+    table = pq.read_table(out)
+    rows = table.to_pylist()
+    assert [(row["config_id"], row["epoch"]) for row in rows] == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2)]
+    spec = load_space(LR_SPACE)
+    for key, value in baseline_params(spec).items():
+        assert rows[0][key] == value
+    for key in ("optim.momentum", "optim.scheduler", "optim.warmup", "optim.warmup_epochs"):
+        assert rows[0][key] is None  # inactive for adam_onecycle
+    assert all(math.isfinite(row["loss"]) and 0 <= row["slot_ap"] <= 1 and row["train_s"] > 0 for row in rows)
+    meta = {key.decode(): value.decode() for key, value in table.schema.metadata.items()}
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", meta["commit"]), meta["commit"]
+    assert "record --configs 3" in meta["command"] and meta["machine"].endswith("cores")
+    assert meta["space_text"] == LR_SPACE.read_text() and meta["epochs"] == "2"
+    assert json.loads(meta["overrides"])[1] == "train.epochs=2"
+    assert json.loads(meta["synthetic"])["train"] == 8
+    assert "config   2 (3/3)" in first.stdout
+
+    before = out.read_bytes()
+    again = _cli(["record", *TINY, "--out", str(out)], timeout=120)
+    assert "3 already recorded" in again.stdout and "0 to train" in again.stdout
+    assert not re.search(r"^config +\d", again.stdout, re.MULTILINE)
+    assert out.read_bytes() == before  # nothing trained, nothing rewritten
+
+    other = _cli(["record", *TINY[:-1], "data.val_batch_size=2", "--out", str(out)], timeout=120, expect=2)
+    assert "another recording" in other.stderr and len(other.stderr.strip().splitlines()) == 1
+
+
+def test_user_errors_end_in_one_line_and_exit_2(tmp_path):
+    missing = _cli(["replay", "--table", str(tmp_path / "none.parquet")], timeout=60, expect=2)
+    assert missing.stderr.strip().splitlines() == [missing.stderr.strip()] and "no such file" in missing.stderr
+    searched = _cli(["record", "--out", str(tmp_path / "t.parquet"), "--overrides", "optim.lr=0.1"], timeout=60,
+                    expect=2)
+    assert "'optim.lr' is searched" in searched.stderr and len(searched.stderr.strip().splitlines()) == 1
+
+
+def _hand_table(path: Path) -> dict[str, list[float]]:
+    """The demo space run one trial at a time, 2 trials in its budget, 3 epochs a trial, ASHA
+    grace 1 and reduction 2; four configs of which only config 1 reaches the target, and only
+    at its third epoch. -> each config's slot AP curve."""
+    text = LR_SPACE.read_text()
+    for old, new in [("num_samples: 12", "num_samples: 2"), ("max_concurrent: 2 ", "max_concurrent: 1 "),
+                     ("grace_period: 2", "grace_period: 1"), ("reduction_factor: 3", "reduction_factor: 2")]:
+        assert old in text
+        text = text.replace(old, new)
+    space = path.with_suffix(".yaml")
+    space.write_text(text)
+    spec = sq.with_overrides(load_space(space), ["train.epochs=3"])
+    configs = [baseline_params(spec), *_hand_configs()[1:]]
+    slot_ap = {0: [0.1, 0.15, 0.2], 1: [0.5, 0.6, 0.9], 2: [0.3, 0.35, 0.4], 3: [0.2, 0.25, 0.3]}
+    curves = [[{"epoch": epoch + 1, "slot_ap": value, "point_ap": value, "loss": 1 - value, "train_s": 1.0,
+                "eval_s": 0.1} for epoch, value in enumerate(slot_ap[config_id])] for config_id in range(4)]
+    metadata = {"space_file": "hand.yaml", "space_text": text, "overrides": json.dumps(["train.epochs=3"])}
+    pq.write_table(sq.assemble_table(spec.search, configs, curves, sq.EPOCH_COLUMNS, metadata), path)
+    return {config_id: slot_ap[config_id] for config_id in slot_ap}
+
+
+@pytest.mark.timeout(240)
+def test_replay_runs_every_strategy_and_counts_epochs_by_hand(tmp_path):
+    table, runs_json = tmp_path / "hand.parquet", tmp_path / "runs.json"
+    slot_ap = _hand_table(table)
+    target = 0.4 + 0.85 * (0.9 - 0.4)  # 95th percentile of the finals 0.2, 0.3, 0.4, 0.9
+    budget = 2 * 3
+
+    stdout = _cli(["replay", "--table", str(table), "--small", "--runs-json", str(runs_json)], timeout=230).stdout
+    last = LAST_LINE.match(stdout.strip().splitlines()[-1])
+    assert last, stdout[-2000:]
+    values = {key: float(value) for key, value in (pair.split("=", 1) for pair in last["pairs"].split())}
+    assert values["target"] == pytest.approx(target, abs=1e-3) and values["budget_epochs"] == budget
+    assert values["seeds"] == 2
+    for strategy in sq.STRATEGIES:
+        assert re.search(rf"^{re.escape(strategy)} +2 +\d/2 ", stdout, re.MULTILINE), stdout
+
+    saved = json.loads(runs_json.read_text())
+    assert set(saved["runs"]) == set(sq.STRATEGIES) and all(len(runs) == 2 for runs in saved["runs"].values())
+    recorded = sq.read_table(table)
+    lookup = sq.NearestConfig(recorded.spec.search, recorded.configs)
+    for strategy, runs in saved["runs"].items():
+        for run in runs:
+            log = run["trial_log"]
+            assert len(log) == 6 and log[0]["config_id"] == 0  # every strategy starts with the baseline
+            assert all(trial["config_id"] == lookup.nearest(trial["params"]) for trial in log)
+            if strategy.endswith("fifo"):
+                assert all(trial["epochs"] == 3 for trial in log)  # no early stopping
+            # by hand: one trial at a time, so its epochs are spent back to back
+            spent, best, to_target, at_budget = 0, -math.inf, math.inf, None
+            for trial in log:
+                for value in slot_ap[trial["config_id"]][:trial["epochs"]]:
+                    spent += 1
+                    best = max(best, value)
+                    if best >= target and to_target == math.inf:
+                        to_target = spent
+                    if spent == budget:
+                        at_budget = best
+            at_budget = best if at_budget is None else at_budget
+            assert run["epochs_to_target"] == to_target and run["best_at_budget"] == at_budget
+            assert run["epochs"] == spent and (to_target == math.inf or to_target >= 3 + 3)
