@@ -79,8 +79,10 @@ def test_unreadable_space_file_exits_2_with_one_line_naming_it(tmp_path, capsys,
     assert len(lines) == 1 and str(path) in lines[0] and message in lines[0], lines
 
 
-def test_bad_space_as_a_script_exits_2():
-    result = subprocess.run([sys.executable, "orchestrate/tune.py", "--space", "tests/bad_spaces/bad_metric.yaml"],
+@pytest.mark.parametrize("command", [[sys.executable, "orchestrate/tune.py"],
+                                     [str(Path(sys.executable).parent / "psdet-sweep")]])
+def test_bad_space_as_a_script_exits_2(command):
+    result = subprocess.run([*command, "--space", "tests/bad_spaces/bad_metric.yaml"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == ("tune.py: error: tests/bad_spaces/bad_metric.yaml: 'experiment.metric' "
