@@ -68,7 +68,7 @@ def build_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
     with warnings.catch_warnings():  # multivariate, group and constant_liar are "experimental" in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.n_startup_trials,
-                                      multivariate=settings.multivariate, group=settings.group,
+                                          multivariate=settings.multivariate, group=settings.group,
                                           constant_liar=settings.constant_liar)
 
 
