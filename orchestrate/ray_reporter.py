@@ -42,16 +42,21 @@ def newer_checkpoint(from_ray: Path | None, engine_checkpoints: Path | None) -> 
     (`from_ray`, a local directory) and the newest valid one under `engine_checkpoints`.
     Ray's wins a tie; a corrupt one of Ray's loses to any valid engine checkpoint."""
     found = ckpt.latest_valid_meta(engine_checkpoints) if engine_checkpoints is not None else None
-    if found is None:
+    return newer_of(from_ray, found)
+
+
+def newer_of(from_ray: Path | None, engine: tuple[Path, dict] | None) -> Path | None:
+    """`newer_checkpoint` on an engine checkpoint already found and verified: (path, meta)."""
+    if engine is None:
         return from_ray
-    engine, engine_meta = found
+    engine_path, engine_meta = engine
     if from_ray is None:
-        return engine
+        return engine_path
     try:
         ray_step = ckpt.read_meta(from_ray)["step"]
     except CheckpointError:
-        return engine
-    return engine if engine_meta["step"] > ray_step else from_ray
+        return engine_path
+    return engine_path if engine_meta["step"] > ray_step else from_ray
 
 
 class RayReporter:

@@ -41,7 +41,7 @@ from ray import tune
 from ray.train.torch import TorchTrainer
 
 from orchestrate import storage
-from orchestrate.ray_reporter import RayReporter, TuneReport, newer_checkpoint
+from orchestrate.ray_reporter import RayReporter, TuneReport, newer_of
 from orchestrate.results import FINISHED, read_ledger
 from orchestrate.search import strip_baseline
 from orchestrate.space import SweepSpec, SyntheticData, trial_config
@@ -194,10 +194,8 @@ class TuneReporter:
             return from_tune
         engine = [found for found in (ckpt.latest_valid_meta(run / "checkpoints")
                                       for run in sorted(self.trial_dir.glob("run-*"))) if found is not None]
-        if not engine:
-            return from_tune
-        newest, _ = max(engine, key=lambda found: found[1]["step"])
-        return newer_checkpoint(from_tune, newest.parent)
+        newest = max(engine, key=lambda found: found[1]["step"]) if engine else None
+        return newer_of(from_tune, newest)  # verified once, above
 
     def _tune_checkpoint(self) -> Path | None:
         checkpoint = tune.get_checkpoint()
