@@ -7,7 +7,7 @@ Both variants read the same ps2.0-layout training split through the same
 `ParkingSlotDataset` (ps_gat's data settings: 512x512, rotation, colour jitter 0.1):
 the workers decode, resize and rotate. Then:
 - reference: each worker converts its sample to float32 and jitters it with the
-  per-image numpy reference of tests/reference_augment.py (the code psdet's workers ran
+  per-image numpy reference of psdet/testing/reference_augment.py (the code psdet's workers ran
   before); the batch, 4 bytes a pixel, goes through shared memory, pinned memory (CUDA)
   and the host-to-device copy;
 - ours: the engine's loader (`psdet.data.batch.collate_fn`). On CUDA the batch goes as
@@ -35,13 +35,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 from common import Column, Table, interleaved, median, summary_line  # noqa: E402
 from psdet.config import load_config  # noqa: E402
 from psdet.data import build_dataset, synth  # noqa: E402
 from psdet.data.batch import collate_fn, model_input  # noqa: E402
-from reference_augment import color_jitter as reference_color_jitter  # noqa: E402
+from psdet.testing.reference_augment import color_jitter as reference_color_jitter  # noqa: E402
 
 
 class WorkerJitter(Dataset):

@@ -9,7 +9,7 @@ and 512x512 (16x16), batch 16, in two cases:
   remove, every other cell near 0.
 Ours = `decode_point_map` + `slots_from_edges` on the whole batch. Reference = the
 original's post-processing per image (gcn-parking-slot PointDetector.post_processing
-without the model call): the loops of tests/reference_postprocess.py per cell and per
+without the model call): the loops of psdet/testing/reference_postprocess.py per cell and per
 pair of candidates on the map moved to numpy once, with the same top-k cap as ours so
 the outputs can be compared; the points padded into the graph's input tensor; then a
 loop over the edge predictor's output tensor, one pair at a time.
@@ -37,11 +37,11 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
-import reference_postprocess as ref  # noqa: E402
 from psdet.config import ModelConfig, load_config  # noqa: E402
 from psdet.postprocess import decode_point_map, slots_from_edges  # noqa: E402
+from psdet.testing import reference_postprocess as ref  # noqa: E402
 
 BATCH = 16
 MAX_POINTS = 10

@@ -47,9 +47,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-import reference_loops as ref  # noqa: E402
 from common import (  # noqa: E402
     Column, Table, child_result, interleaved, median, peak_rss_mib, reset_peak_rss, rss_mib, run_child, spread,
     summary_line,
@@ -58,6 +57,7 @@ from psdet.config import load_config  # noqa: E402
 from psdet.models import build_model  # noqa: E402
 from psdet.models.targets import edge_loss, point_loss, point_targets  # noqa: E402
 from psdet.optim import apply_schedule, build_optimizer  # noqa: E402
+from psdet.testing import reference_loops as ref  # noqa: E402
 
 MAX_POINTS = 10
 STEPS_PER_EPOCH = 100  # only feeds the LR schedule

@@ -21,7 +21,7 @@ from psdet.data.labels import list_samples, read_label
 from psdet.data.batch import collate_fn, color_jitter, model_input
 from psdet.data.transforms import rotate_marks, sample_jitter
 from psdet.errors import DataError
-from reference_augment import color_jitter as reference_color_jitter
+from psdet.testing.reference_augment import color_jitter as reference_color_jitter
 
 SIZE = 256  # network input in these tests: the tiny config's 8x8 grid
 

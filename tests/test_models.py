@@ -11,7 +11,7 @@ from psdet.models.backbones import build_backbone
 from psdet.models.graph import DGCNN, MultiHeadAttention, knn_edge_features, pair_features
 from psdet.models.heads import sample_descriptors
 from psdet.models.targets import edge_loss, point_loss, point_targets
-from reference_loops import (
+from psdet.testing.reference_loops import (
     edge_loss_loop,
     knn_edge_features_loop,
     multi_head_attention_einsum,

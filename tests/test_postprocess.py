@@ -1,4 +1,4 @@
-"""psdet.postprocess against the originals' loops (tests/reference_postprocess.py), exactly."""
+"""psdet.postprocess against the originals' loops (psdet/testing/reference_postprocess.py), exactly."""
 from __future__ import annotations
 
 import math
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import reference_postprocess as ref
 from psdet.config import DmprConfig, ModelConfig
 from psdet.postprocess import DecodedPoints, decode_point_map, decode_points, pair_directional_points, slots_from_edges
+from psdet.testing import reference_postprocess as ref
 
 GAT = dict(point_thresh=0.008, boundary_thresh=0.05, nms_radius=0.0625, max_candidates=64, max_points=10)
 
