@@ -1,19 +1,33 @@
 """`tune.py --dry-run`: what a sweep would do, without training anything.
 
 Prints the validated space, the trial budget, the resources of one trial and how many
-fit at once on the cluster, and the LR (warmup included) of the first configs the sweep
-will sample, as text or, with `--plot`, as a PNG drawn with Pillow.
+fit at once on the cluster (orchestrate.placement, as the live sweep places them), and
+the LR (warmup included) of the first configs the sweep will sample, as text or, with
+`--plot`, as a PNG drawn with Pillow.
+
+Importing this module imports Ray (the searcher, the connection): call
+`orchestrate.ray_env.prepare` first.
 """
 from __future__ import annotations
 
 import math
+import os
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optuna
+import ray
+import torch
+from PIL import Image, ImageDraw
 
-from orchestrate.space import DefineByRun, SweepSpec, describe_space, trial_config
+from orchestrate import connection, placement
+from orchestrate.data import LABEL_DIR, check_dataset, synthetic_root
+from orchestrate.search import build_searcher, strip_baseline
+from orchestrate.space import SweepSpec, describe_space, trial_config
+from psdet.optim import lr_curve, warmup_steps
+from psdet.sampler import ResumableSampler
 
 SPARK = "▁▂▃▄▅▆▇█"
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
@@ -22,10 +36,6 @@ COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 def sample_params(spec: SweepSpec, count: int) -> list[dict[str, Any]]:
     """The first `count` parameter sets a fresh sweep draws: its own searcher (same
     sampler, same seed, the baseline first) over a throwaway in-memory study."""
-    import optuna
-
-    from orchestrate.search import build_searcher, strip_baseline
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     searcher = build_searcher(spec, optuna.storages.InMemoryStorage())
     return [strip_baseline(searcher.suggest(f"preview{index}"))[0] for index in range(count)]
@@ -33,8 +43,6 @@ def sample_params(spec: SweepSpec, count: int) -> list[dict[str, Any]]:
 
 def steps_per_epoch(num_train_images: int, batch_size: int, workers: int) -> int:
     """Optimizer steps per epoch of a trial: full batches per rank, as the engine's sampler counts them."""
-    from psdet.sampler import ResumableSampler
-
     return ResumableSampler(num_train_images, max(batch_size // workers, 1), seed=0,
                             world_size=workers).batches_per_epoch
 
@@ -48,8 +56,6 @@ def asha_rungs(spec: SweepSpec) -> list[int]:
 
 
 def lr_curves(spec: SweepSpec, samples: list[dict[str, Any]], num_train_images: int) -> list[dict[str, Any]]:
-    from psdet.optim import lr_curve, warmup_steps
-
     curves = []
     for params in samples:
         cfg = trial_config(spec, params)
@@ -81,8 +87,6 @@ def curve_text(curve: dict[str, Any]) -> str:
 
 def plot_curves(curves: list[dict[str, Any]], path: Path, title: str) -> None:
     """LR (log scale) against epoch for each sampled config, one colour each, legend below."""
-    from PIL import Image, ImageDraw
-
     legends = [textwrap.wrap(f"{i + 1}. {_params_text(c['params'])}", 140) for i, c in enumerate(curves)]
     width, left, right, top, plot_h = 900, 80, 20, 30, 300
     height = top + plot_h + 50 + 16 * sum(len(lines) for lines in legends)
@@ -172,35 +176,38 @@ def report(spec: SweepSpec, *, cluster: str, nodes: list[dict[str, float]], use_
 
 
 def count_training_images(data_root: Path, train_split: str) -> int:
-    from orchestrate.data import LABEL_DIR
-
     return len(list((data_root / LABEL_DIR / train_split).glob("*.json")))
 
 
-def trials_that_fit(spec: SweepSpec, use_gpu: bool, nodes: list[dict[str, float]], limit: int = 1000) -> int:
-    """How many trials can hold their resources at once: each places its driver (none for a
-    one-worker trial, which trains in its own process) and its workers' bundles (which may
-    spread over nodes) greedily on what is left."""
-    r = spec.resources
-    free = [dict(node) for node in nodes]
-    worker_bundle = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
-    eps = 1e-9
 
-    def place(bundle: dict[str, float], pool: list[dict[str, float]]) -> bool:
-        for node in sorted(pool, key=lambda n: -n.get("CPU", 0)):
-            if all(node.get(k, 0) + eps >= v for k, v in bundle.items()):
-                for k, v in bundle.items():
-                    node[k] = node.get(k, 0) - v
-                return True
-        return False
-
-    count = 0
-    while count < limit:
-        trial_pool = [dict(node) for node in free]
-        if r.workers > 1 and not place({"CPU": r.driver_cpus}, trial_pool):  # one worker: no separate driver
-            break
-        if not all(place(worker_bundle, trial_pool) for _ in range(r.workers)):
-            break
-        free = trial_pool
-        count += 1
-    return count
+def run(spec: SweepSpec, address: str | None, data: str | None, plot: Path | None) -> int:
+    """`tune.py --dry-run`: the cluster at `address` (asked, then left), else this machine
+    as a local Ray would see it; prints `report` and returns the exit code."""
+    if address:
+        description = connection.connect(address)
+        try:
+            nodes = connection.alive_nodes()
+        finally:
+            ray.shutdown()
+        cluster = f"cluster at {address}"
+    else:
+        nodes = [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+        cluster = "this machine (no cluster given; a local Ray would get these)"
+        description = None
+    use_gpu = placement.use_gpu(spec, nodes)
+    train_split = spec.base_tree["data"]["train_split"]
+    if data:
+        root = check_dataset(data)
+        num_train = count_training_images(root, train_split)
+        data_note = f"{root} ({num_train} training images)"
+    else:
+        synth = spec.experiment.synthetic_data
+        num_train = synth.train
+        data_note = (f"synthetic, {synth.train} training + {synth.val} validation images, made on the first "
+                     f"real run into {synthetic_root(synth)}")
+    if description:
+        print(description)
+    print(report(spec, cluster=cluster, nodes=nodes, use_gpu=use_gpu,
+                 fit=placement.trials_that_fit(spec, use_gpu, nodes), num_train_images=num_train,
+                 data_note=data_note, plot=plot))
+    return 0

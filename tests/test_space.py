@@ -6,6 +6,8 @@ searcher's bookkeeping with Optuna (PRUNED, intermediate values, restore).
 """
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +16,13 @@ import optuna
 import pytest
 
 from conftest import REPO
-from orchestrate import storage
-from orchestrate.dryrun import sample_params, trials_that_fit
+from orchestrate import storage, sweep_file
+from orchestrate.dryrun import sample_params
+from orchestrate.placement import trials_that_fit
 from orchestrate.results import rows, to_table
 from orchestrate.space import DefineByRun, load_space, trial_config
 from orchestrate.tune import main
+from psdet.errors import ConfigError
 
 SPACES = REPO / "search_spaces"
 BAD = Path(__file__).parent / "bad_spaces"
@@ -193,6 +197,31 @@ def _study(journal: str):
     return optuna.load_study(study_name="smoke", storage=optuna.storages.JournalStorage(backend))
 
 
+def test_resume_holds_the_sweep_to_how_it_started(tmp_path, capsys):
+    """sweep.json, before Ray starts: never a second sweep over a started one, and --resume
+    only with the space, the place and the settings the sweep started with."""
+    smoke = SPACES / "smoke.yaml"
+    runs = tmp_path / "runs"
+    sweep_file.write(str(runs / "smoke"), name="smoke", space_path=str(smoke), space_text=smoke.read_text(),
+                     data_root=str(tmp_path / "data"), synthetic=True, optuna_storage=str(runs / "smoke" / "j"))
+    changed = tmp_path / "smoke.yaml"
+    changed.write_text(smoke.read_text().replace("num_samples: 3", "num_samples: 4"))
+    moved = tmp_path / "moved"
+    shutil.copytree(runs, moved)
+    assert main(["--space", str(smoke), "--storage", str(runs)]) == 2
+    assert main(["--space", str(changed), "--storage", str(runs), "--resume"]) == 2
+    assert main(["--space", str(smoke), "--storage", str(runs), "--resume", "--num-samples", "5"]) == 2
+    assert main(["--space", str(smoke), "--storage", str(moved), "--resume"]) == 2
+    captured = capsys.readouterr()
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 4 and all(line.startswith("tune.py: error: ") for line in errors), errors
+    assert "already holds sweep 'smoke': add --resume" in errors[0]
+    assert f"{changed}: differs from the space the sweep at {runs / 'smoke'} started with" in errors[1]
+    assert "drop --num-samples" in errors[2]
+    assert f"was started at {runs / 'smoke'}" in errors[3]
+    assert captured.out == ""  # refused before any data was made or Ray was started
+
+
 def test_searcher_records_stopped_trials_as_pruned_with_their_curve(tmp_path):
     searcher, journal = _searcher(tmp_path)
     for trial_id in ("full", "stopped", "broken"):
@@ -308,8 +337,6 @@ def test_baseline_is_the_first_trial_flagged_in_tune_and_optuna(tmp_path):
 
 
 def test_baseline_can_be_switched_off_and_random_sampling_chosen(tmp_path):
-    import dataclasses
-
     from orchestrate.search import BASELINE, build_sampler, build_searcher
     from orchestrate.space import Sampler
 
@@ -324,8 +351,6 @@ def test_baseline_can_be_switched_off_and_random_sampling_chosen(tmp_path):
 
 
 def test_one_worker_trials_are_retried_for_worker_and_trial_failures():
-    import dataclasses
-
     from orchestrate.space import FaultTolerance, Resources
     from orchestrate.tuner import trial_retries
 
@@ -356,3 +381,23 @@ def test_summary_compares_best_with_baseline_and_counts_epochs_and_goodput():
     assert lines[1] == "epochs: 18 spent, against 24 without early stopping (6 saved, 25%); 1 of 3 trials stopped early"
     assert lines[2].startswith("goodput: 80% (160 s of engine training + evaluation over 100 s wall x 2 trial slots)")
     assert goodput(160.0, 100.0, 2) == pytest.approx(0.8)
+
+
+def test_placement_caps_concurrency_to_what_fits_and_refuses_a_local_ray_that_fits_none(capsys):
+    from orchestrate.placement import concurrency, use_gpu
+
+    spec = load_space(SPACES / "smoke.yaml")  # a trial: driver + 2 workers, max_concurrent 2
+    one_trial = spec.resources.driver_cpus + 2 * spec.resources.cpus_per_worker
+    assert concurrency(spec, [{"CPU": 8.0}], False, joined=False) == spec.experiment.max_concurrent
+    assert concurrency(spec, [{"CPU": one_trial}], False, joined=False) == 1
+    with pytest.raises(ConfigError, match="one trial needs .* CPU but the cluster's nodes offer"):
+        concurrency(spec, [{"CPU": one_trial / 2}], False, joined=False)
+    assert capsys.readouterr().out == ""
+    assert concurrency(spec, [{"CPU": one_trial / 2}], False, joined=True) == 1  # a joined cluster may grow
+    assert capsys.readouterr().out.startswith("warning: ")
+
+    auto = dataclasses.replace(spec, resources=dataclasses.replace(spec.resources, use_gpu="auto", gpus_per_worker=1))
+    assert use_gpu(auto, [{"CPU": 8.0, "GPU": 2.0}]) is True
+    assert use_gpu(auto, [{"CPU": 8.0}]) is False and capsys.readouterr().out == ""
+    assert use_gpu(auto, [{"CPU": 8.0, "GPU": 1.0}]) is False  # two workers, one GPU: on CPU, and said so
+    assert "use_gpu auto: a trial needs 2 GPU(s) and the cluster has 1" in capsys.readouterr().out
