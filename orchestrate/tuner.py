@@ -11,18 +11,36 @@ import optuna
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from orchestrate.search import build_searcher
+from orchestrate.search import BASELINE, build_searcher
 from orchestrate.space import SweepSpec
+
+
+class BaselineASHA(ASHAScheduler):
+    """Ray's ASHA, except that the baseline trial is never stopped: its results still
+    enter the rungs (they set the cutoffs others are stopped by), but it runs all its
+    epochs, because every other trial is measured against its final score."""
+
+    def __init__(self, *, time_attr: str, max_t: int, **asha: Any) -> None:
+        super().__init__(time_attr=time_attr, max_t=max_t, **asha)
+        self.time_attr, self.max_t = time_attr, max_t
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        spared = trial.config.get(BASELINE) and result.get(self.time_attr, 0) < self.max_t
+        if decision == TrialScheduler.STOP and spared:
+            return TrialScheduler.CONTINUE
+        return decision
 
 
 def build_scheduler(spec: SweepSpec) -> TrialScheduler:
     """ASHA on the reported `epoch` (Ray's `training_iteration` restarts after a driver
-    restore), up to the trials' epochs; or FIFO (`scheduler.type: none`)."""
+    restore), up to the trials' epochs, sparing the baseline (`BaselineASHA`); or FIFO
+    (`scheduler.type: none`)."""
     if spec.scheduler.type != "asha":
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="epoch", metric=spec.experiment.metric, mode=spec.experiment.mode,
-                         max_t=spec.max_epochs, grace_period=spec.scheduler.grace_period,
-                         reduction_factor=spec.scheduler.reduction_factor)
+    return BaselineASHA(time_attr="epoch", metric=spec.experiment.metric, mode=spec.experiment.mode,
+                        max_t=spec.max_epochs, grace_period=spec.scheduler.grace_period,
+                        reduction_factor=spec.scheduler.reduction_factor)
 
 
 def trial_retries(spec: SweepSpec) -> int:
