@@ -18,7 +18,6 @@ import json
 import os
 import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -187,12 +186,6 @@ def child_result(result: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- Ray
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextlib.contextmanager
 def local_ray(num_cpus: float) -> Iterator[str]:
     """A fresh local Ray with `num_cpus` CPUs, on loopback only, started as orchestrate/tune.py
@@ -202,6 +195,8 @@ def local_ray(num_cpus: float) -> Iterator[str]:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # as tune.py
     import ray
+
+    from orchestrate.ray_env import free_port
 
     dashboard = f"http://127.0.0.1:{free_port()}"
     python_path = os.pathsep.join([str(ROOT), str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")])
