@@ -4,7 +4,7 @@ configuration, against random search without early stopping, on recorded trainin
     python benchmarks/search_quality.py record [--space search_spaces/lr.yaml] [--configs 64] [--jobs 2]
         [--out benchmarks/data/search_quality.parquet] [--overrides KEY=VALUE ...] [--synthetic TRAIN VAL]
     python benchmarks/search_quality.py replay [--table benchmarks/data/search_quality.parquet]
-        [--seeds 20] [--trials 48] [--sampler-variants] [--small]
+        [--space search_spaces/lr.yaml] [--seeds 20] [--trials 48] [--sampler-variants] [--small]
 
 **record** trains `--configs` configurations of the space for all their epochs and keeps
 every epoch's figures. Config 0 is the baseline (`baseline_params`: the base config's own
@@ -29,7 +29,10 @@ commit(s), command line, date, space file and text, overrides, synthetic data an
 (127.0.0.1, 2 CPUs, no dashboard); for each seed and strategy a Tuner from
 `orchestrate.tuner.build_tuner`, the very construction orchestrate/tune.py uses (the
 Optuna searcher with the baseline as first trial, ASHA on `epoch` or FIFO), over the
-recorded space and overrides, varied only by `dataclasses.replace`:
+recorded space and overrides, varied only by `dataclasses.replace`. The sampler, scheduler
+and experiment settings are those of `--space` (default: the recorded space file as it is
+now, so a changed ASHA rung is replayed without recording again); its search section, base
+config and metric must be the recorded ones:
 
     random+fifo   sampler random, scheduler none
     random+asha   sampler random, the space's ASHA
@@ -108,6 +111,7 @@ STRATEGIES = ("random+fifo", "random+asha", "tpe+fifo", "tpe+asha")
 DEFAULT_SPACE = ROOT / "search_spaces" / "lr.yaml"
 DEFAULT_TABLE = ROOT / "benchmarks" / "data" / "search_quality.parquet"
 RUN_TIMEOUT_S = 900
+LIVE_TIMEOUT_S = 3600  # one live sweep
 
 
 # ----------------------------------------------------------------------------- the space as recorded
@@ -766,8 +770,30 @@ def epochs_ratio(random_fifo: float, tpe_asha: float) -> float:
     return random_fifo / tpe_asha
 
 
+def replayed_space(recorded: Recorded, table: str, space: str | None) -> SweepSpec:
+    """The space whose sampler, scheduler and experiment settings the replay runs:
+    `--space`, else the recorded space file as it is on disk now (or, where that file is
+    gone, the text the table keeps). Its search space, base config, metric and mode must be
+    the recorded ones: the curves are theirs."""
+    path = Path(space) if space else ROOT / recorded.metadata["space_file"]
+    if not path.is_file():
+        if space:
+            raise UserError(f"--space {space}: no such file")
+        return recorded.spec
+    spec = with_overrides(load_space(path), json.loads(recorded.metadata["overrides"]))
+    then = recorded.spec
+    for what, now, was in (("search section", spec.search, then.search), ("base config", spec.base_tree, then.base_tree),
+                           ("metric", (spec.experiment.metric, spec.experiment.mode),
+                            (then.experiment.metric, then.experiment.mode))):
+        if now != was:
+            raise UserError(f"{path}: its {what} differs from the one {table} was recorded with; record it again "
+                            f"(python benchmarks/search_quality.py record --space {path} --out {table})")
+    return spec
+
+
 def replay(args: argparse.Namespace) -> int:
     recorded = read_table(args.table)
+    recorded = dataclasses.replace(recorded, spec=replayed_space(recorded, args.table, args.space))
     seeds = args.seeds if args.seeds is not None else 2 if args.small else 20
     trials = args.trials if args.trials is not None else 6 if args.small else 48
     if seeds < 1 or trials < 1:
@@ -787,6 +813,9 @@ def replay(args: argparse.Namespace) -> int:
           f"{len(finals)} configs reach it; the baseline, config 0: {finals[0]:.3f}); budget: {budget} epochs "
           f"({spec.experiment.num_samples} trials x {spec.max_epochs} epochs, the space's sweep without early "
           "stopping)")
+    asha = spec.scheduler
+    print(f"ours (tpe+asha) as {spec.path} configures it: TPE {_describe(spec.sampler)}; ASHA grace period "
+          f"{asha.grace_period}, reduction factor {asha.reduction_factor} (the baseline is never stopped)")
     print(f"each run: {trials} trials, {spec.experiment.max_concurrent} at a time, seeds 0..{seeds - 1}; "
           f"trials replay the nearest recorded config, {EPOCH_S:g} s per epoch; one local Ray ({NUM_CPUS} CPUs, "
           f"Ray {ray.__version__}) for all runs\n", flush=True)
@@ -819,6 +848,69 @@ def replay(args: argparse.Namespace) -> int:
                        tpe_asha_epochs=f"{tpe_asha['epochs']:.1f}", target=f"{target:.3f}", budget_epochs=budget,
                        tpe_asha_best=f"{tpe_asha['best']:.3f}", random_fifo_best=f"{random_fifo['best']:.3f}",
                        seeds=seeds))
+    return 0
+
+
+def strategy_space(raw: dict, strategy: str, trials: int) -> dict:
+    """A space file's YAML as `strategy` runs it live, the same changes `strategy_spec` makes:
+    the sampler type (random drops the TPE flags), the scheduler type, `trials` trials."""
+    search, scheduler = strategy.split("+")
+    raw = copy.deepcopy(raw)
+    raw["experiment"] = {**raw["experiment"], "num_samples": trials, "name": f"live-{search}-{scheduler}"}
+    raw["experiment"].pop("time_budget_s", None)
+    if search == "random":
+        raw["sampler"] = {"type": "random"}
+    if scheduler == "fifo":
+        raw["scheduler"] = {"type": "none"}
+    return raw
+
+
+def live(args: argparse.Namespace) -> int:
+    """The four strategies once each, really training, on the space (seed and data its own)."""
+    import yaml
+
+    space = Path(args.space)
+    if not space.is_file():
+        raise UserError(f"--space {space}: no such file")
+    load_space(space)  # one line and exit 2 on a bad space, before anything trains
+    raw = yaml.safe_load(space.read_text())
+    if args.trials < 1:
+        raise UserError("--trials must be >= 1")
+    print(f"search quality, live: the four strategies on {space}, {args.trials} trials each, seed "
+          f"{raw['experiment'].get('seed', 0)}, really training (orchestrate/tune.py, one sweep after another)",
+          flush=True)
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="psdet-search-quality-live-") as tmp:
+        for strategy in STRATEGIES:
+            variant = Path(tmp) / f"{strategy.replace('+', '_')}.yaml"
+            variant.write_text(yaml.safe_dump(strategy_space(raw, strategy, args.trials), sort_keys=False))
+            started = time.monotonic()
+            command = [sys.executable, str(ROOT / "orchestrate" / "tune.py"), "--space", str(variant),
+                       "--storage", str(Path(tmp) / "runs")]
+            done = subprocess.run(command, stdout=sys.stderr, stderr=sys.stderr, timeout=LIVE_TIMEOUT_S,
+                                  check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"live {strategy}: {' '.join(command)} exited {done.returncode}")
+            import pyarrow.parquet as pq
+
+            name = strategy_space(raw, strategy, args.trials)["experiment"]["name"]
+            trials = pq.read_table(Path(tmp) / "runs" / name / "results.parquet").to_pylist()
+            metric = raw["experiment"]["metric"]
+            finals = [row[f"final_{metric}"] for row in trials if row["status"] == "completed"]
+            rows[strategy] = {"epochs": sum(row["epochs"] for row in trials), "trials": len(trials),
+                              "pruned": sum(row["status"] == "pruned" for row in trials),
+                              "best": max(finals) if finals else math.nan, "wall_s": time.monotonic() - started}
+            print(f"live {strategy}: best {metric} {rows[strategy]['best']:.3f}, {rows[strategy]['epochs']} epochs, "
+                  f"{rows[strategy]['wall_s']:.0f} s", file=sys.stderr, flush=True)
+    table = Table(Column("strategy", "<12"), Column("trials", "6d"), Column("pruned", "6d"),
+                  Column("epochs", "6d"), Column(f"best {raw['experiment']['metric']}", "12.3f"),
+                  Column("wall s", "7.0f"))
+    table.print_header()
+    for strategy, row in rows.items():
+        table.print_row(strategy, row["trials"], row["pruned"], row["epochs"], row["best"], row["wall_s"])
+    ranking = sorted(rows, key=lambda strategy: -rows[strategy]["best"])
+    print(summary_line("search_quality_live", ranking=">".join(ranking), trials=args.trials,
+                       **{strategy.replace("+", "_") + "_best": f"{row['best']:.3f}" for strategy, row in rows.items()}))
     return 0
 
 
@@ -862,11 +954,16 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--seed", type=int, default=0, help="the draw's seed (default 0)")
     rep = commands.add_parser("replay", help="run the sweep's strategies over the recorded curves")
     rep.add_argument("--table", default=str(DEFAULT_TABLE.relative_to(ROOT)), help="a table `record` wrote")
+    rep.add_argument("--space", help="the space whose sampler and scheduler are replayed (default: the recorded "
+                     "space file as it is now); its search section and base config must be the recorded ones")
     rep.add_argument("--seeds", type=int, default=None, help="runs per strategy, seeds 0.. (default 20)")
     rep.add_argument("--trials", type=int, default=None, help="trials per run (default 48)")
     rep.add_argument("--sampler-variants", action="store_true", help="also tpe+asha with other TPE settings")
     rep.add_argument("--small", action="store_true", help="CI: 2 seeds of 6 trials")
     rep.add_argument("--runs-json", metavar="PATH", help="also write every run's figures to PATH")
+    liv = commands.add_parser("live", help="run the four strategies once each, really training, on the space")
+    liv.add_argument("--space", default=str(DEFAULT_SPACE.relative_to(ROOT)), help="search-space YAML")
+    liv.add_argument("--trials", type=int, default=6, help="trials per strategy (default 6)")
     return parser
 
 
@@ -875,6 +972,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "record":
             return record(args)
+        if args.command == "live":
+            return live(args)
         return replay(args)
     except UserError as exc:
         print(f"search_quality.py: error: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -26,7 +26,7 @@ from orchestrate.space import baseline_params, load_space  # noqa: E402
 
 LR_SPACE = REPO / "search_spaces" / "lr.yaml"
 TINY = ["--configs", "3", "--jobs", "1", "--synthetic", "8", "4", "--overrides", "data.image_size=64",
-        "train.epochs=2", "data.batch_size=4", "data.val_batch_size=4"]
+        "train.epochs=3", "data.batch_size=4", "data.val_batch_size=4"]
 LAST_LINE = re.compile(r"^search_quality: (?P<pairs>\w+=\S+(?: \w+=\S+)*)$")
 
 
@@ -142,6 +142,38 @@ def test_strategies_vary_only_sampler_scheduler_seed_and_trials():
     assert any(not v.multivariate for v in variants.values()) and any(not v.constant_liar for v in variants.values())
 
 
+def test_live_strategies_change_only_sampler_scheduler_and_trials():
+    import yaml
+
+    raw = yaml.safe_load(LR_SPACE.read_text())
+    ours = sq.strategy_space(raw, "tpe+asha", trials=6)
+    assert ours["sampler"] == raw["sampler"] and ours["scheduler"] == raw["scheduler"]
+    assert ours["search"] == raw["search"] and ours["experiment"]["num_samples"] == 6
+    random_fifo = sq.strategy_space(raw, "random+fifo", trials=6)
+    assert random_fifo["sampler"] == {"type": "random"} and random_fifo["scheduler"] == {"type": "none"}
+    assert {key: value for key, value in random_fifo["experiment"].items() if key not in ("num_samples", "name")} \
+        == {key: value for key, value in raw["experiment"].items() if key != "num_samples"}
+    assert raw["experiment"]["num_samples"] == 12  # the input is left as it was
+
+
+def test_replay_runs_the_space_file_as_it_is_now_and_refuses_another_search(tmp_path):
+    table = tmp_path / "hand.parquet"
+    _hand_table(table)
+    recorded = sq.read_table(table)
+    text = recorded.metadata["space_text"]
+    later = tmp_path / "later.yaml"
+    later.write_text(text.replace("grace_period: 1", "grace_period: 2"))
+    spec = sq.replayed_space(recorded, str(table), str(later))
+    assert spec.scheduler.grace_period == 2 and spec.search == recorded.spec.search
+    assert sq.replayed_space(recorded, str(table), None) == recorded.spec  # hand.yaml is not on disk: as recorded
+    other = tmp_path / "other.yaml"
+    other.write_text(text.replace("high: 3.0e-2", "high: 1.0e-1"))
+    refused = _cli(["replay", "--table", str(table), "--space", str(other), "--small"], timeout=60, expect=2)
+    assert len(refused.stderr.strip().splitlines()) == 1 and "search section differs" in refused.stderr
+    missing = _cli(["live", "--space", str(tmp_path / "none.yaml")], timeout=60, expect=2)
+    assert len(missing.stderr.strip().splitlines()) == 1 and "no such file" in missing.stderr
+
+
 def test_draws_start_with_the_baseline_and_set_only_active_parameters():
     spec = load_space(LR_SPACE)
     configs = sq.draw_configs(spec, 16, "sobol", seed=3)
@@ -166,7 +198,7 @@ def test_record_writes_every_epoch_and_resumes(tmp_path):
     first = _cli(["record", *TINY, "--out", str(out)], timeout=300)
     table = pq.read_table(out)
     rows = table.to_pylist()
-    assert [(row["config_id"], row["epoch"]) for row in rows] == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2)]
+    assert [(row["config_id"], row["epoch"]) for row in rows] == [(c, e) for c in range(3) for e in (1, 2, 3)]
     spec = load_space(LR_SPACE)
     for key, value in baseline_params(spec).items():
         assert rows[0][key] == value
@@ -176,8 +208,8 @@ def test_record_writes_every_epoch_and_resumes(tmp_path):
     meta = {key.decode(): value.decode() for key, value in table.schema.metadata.items()}
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", meta["commit"]), meta["commit"]
     assert "record --configs 3" in meta["command"] and meta["machine"].endswith("cores")
-    assert meta["space_text"] == LR_SPACE.read_text() and meta["epochs"] == "2"
-    assert json.loads(meta["overrides"])[1] == "train.epochs=2"
+    assert meta["space_text"] == LR_SPACE.read_text() and meta["epochs"] == "3"
+    assert json.loads(meta["overrides"])[1] == "train.epochs=3"
     assert json.loads(meta["synthetic"])["train"] == 8
     assert "config   2 (3/3)" in first.stdout
 
@@ -205,7 +237,7 @@ def _hand_table(path: Path) -> dict[str, list[float]]:
     at its third epoch. -> each config's slot AP curve."""
     text = LR_SPACE.read_text()
     for old, new in [("num_samples: 12", "num_samples: 2"), ("max_concurrent: 2 ", "max_concurrent: 1 "),
-                     ("grace_period: 2", "grace_period: 1"), ("reduction_factor: 3", "reduction_factor: 2")]:
+                     ("grace_period: 3", "grace_period: 1"), ("reduction_factor: 3", "reduction_factor: 2")]:
         assert old in text
         text = text.replace(old, new)
     space = path.with_suffix(".yaml")
