@@ -8,6 +8,8 @@ process it started, even when it fails.
 - `S3Server`: moto in server mode on 127.0.0.1, one bucket.
 - `Driver`: a command (tune.py, mostly) in a session of its own, its output read line by
   line on a thread; `kill()` SIGKILLs its whole process tree.
+- `wait_until`: poll a condition instead of sleeping a fixed time;
+  `tune_trial_statuses`: the trial statuses in Tune's saved experiment state.
 
 Everything here is loopback: Ray nodes and dashboards on 127.0.0.1, moto on 127.0.0.1,
 `AWS_EC2_METADATA_DISABLED` so no S3 client ever asks 169.254.169.254.
@@ -21,7 +23,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,18 +30,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+
+from orchestrate.ray_env import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SH = REPO / "cluster" / "local.sh"
 VENV_BIN = Path(sys.executable).parent
 TUNE = [sys.executable, str(REPO / "orchestrate" / "tune.py")]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- processes
@@ -119,7 +117,8 @@ class Driver:
                                      preexec_fn=_die_with_parent)
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
 
     def _pump(self) -> None:
         for line in self.proc.stdout:
@@ -160,7 +159,7 @@ class Driver:
         except subprocess.TimeoutExpired:
             raise AssertionError(f"{self.args[1:3]}: still running after {timeout:.0f} s; "
                                  f"last output:\n{self.tail()}") from None
-        time.sleep(0.2)  # let the reader thread take the last lines
+        self._reader.join(timeout=10)  # it ends at the output's end, every line queued
         self._drain()
         return code
 
@@ -171,6 +170,22 @@ class Driver:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             pass
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, poll_s: float = 0.5) -> None:
+    """Return as soon as `condition()` holds; AssertionError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f} s: {what}")
+        time.sleep(poll_s)
+
+
+def tune_trial_statuses(experiment_state: bytes) -> dict[str, str]:
+    """Trial id -> status (PENDING, RUNNING, TERMINATED, ERROR) in one of Tune's
+    `experiment_state-*.json` files: what a driver resumed from it restores."""
+    trials = (json.loads(trial_state) for trial_state, _ in json.loads(experiment_state)["trial_data"])
+    return {trial["trial_id"]: trial["status"] for trial in trials}
 
 
 # ----------------------------------------------------------------------------- environment

@@ -30,7 +30,6 @@ import io
 import json
 import shutil
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import pytest
 import yaml
 
 from cluster_helpers import (REPO, TUNE, VENV_BIN, Driver, LocalCluster, S3Server, cluster_env, running,
-                             short_tmpdir)
+                             short_tmpdir, tune_trial_statuses, wait_until)
 
 SMOKE = REPO / "search_spaces" / "smoke.yaml"
 FINISHED = r"^trial (\S+) (completed|pruned) after"
@@ -129,12 +128,13 @@ class TestHeadNode:
             args = [*TUNE, "--space", SMOKE, "--address", head.address, "--storage", uri, "--name", "s3-smoke"]
             first = Driver(args, env, cwd=workdir)
             done_before_kill = first.wait_for(FINISHED, timeout=240).group(1)
-            # Kill the driver once the ledger in S3 has the finished trial (it is rewritten
-            # on every trial event; Tune's own state follows within TUNE_GLOBAL_CHECKPOINT_S).
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and _ledger_status(s3, done_before_kill) not in ("completed", "pruned"):
-                time.sleep(0.5)
-            time.sleep(6)
+            # Kill the driver once S3 holds the finished trial both in the ledger (rewritten on
+            # every trial event) and in Tune's experiment state (saved every
+            # TUNE_GLOBAL_CHECKPOINT_S, the journal mirrored with it): the resumed driver must
+            # not train it again.
+            wait_until(lambda: _ledger_status(s3, done_before_kill) in ("completed", "pruned")
+                       and _tune_status(s3, done_before_kill) == "TERMINATED", timeout=60,
+                       what=f"trial {done_before_kill} finished in trials.json and in Tune's state in S3")
             first.kill()
             assert first.proc.returncode not in (0, None)
             assert "sweeps/s3-smoke/results.parquet" not in s3.keys("sweeps/s3-smoke/")  # it did not finish
@@ -201,6 +201,13 @@ def _ledger_status(s3: S3Server, trial_id: str) -> str | None:
     if key not in s3.keys("sweeps/s3-smoke/"):
         return None
     return json.loads(s3.read(key)).get(trial_id, {}).get("status")
+
+
+def _tune_status(s3: S3Server, trial_id: str) -> str | None:
+    """The trial's status in the newest experiment state Tune has uploaded to S3."""
+    prefix = "sweeps/s3-smoke/experiment_state-"
+    states = sorted(key for key in s3.keys("sweeps/s3-smoke/") if key.startswith(prefix) and key.endswith(".json"))
+    return tune_trial_statuses(s3.read(states[-1])).get(trial_id) if states else None
 
 
 # ----------------------------------------------------------------------------- head + 2 worker nodes

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cluster_helpers import TUNE, Driver
+from cluster_helpers import TUNE, Driver, tune_trial_statuses
 from conftest import REPO
 
 SMOKE = REPO / "search_spaces" / "smoke.yaml"
@@ -212,6 +212,9 @@ def test_driver_killed_then_resumed_finishes_the_sweep(ray_cluster, env, tmp_pat
     finished_before = {tid: r for tid, r in before.items() if r["status"] in ("completed", "pruned")}
     midflight = {tid for tid, r in before.items() if r["status"] == "running" and r["epochs"] >= 1}
     assert finished_before
+    states = sorted(experiment.glob("experiment_state-*.json"))
+    assert states, "the killed driver left no experiment state to resume from"
+    known_to_tune = tune_trial_statuses(states[-1].read_bytes())  # what --resume restores
 
     rerun = run_tune(args, env, timeout=30)  # the same command without --resume refuses to overwrite
     assert rerun.returncode == 2 and "--resume" in rerun.stderr
@@ -231,9 +234,13 @@ def test_driver_killed_then_resumed_finishes_the_sweep(ray_cluster, env, tmp_pat
         assert row["status"] == record["status"] and row["epochs"] == record["epochs"]
         assert {k: row[f"final_{k}"] for k in record["final"]} == record["final"]
         assert len(list((experiment / f"trial_{trial_id}").glob("run-*"))) == 1
-    for trial_id in midflight:  # either it had finished unheard, or it continued from its checkpoint
+    for trial_id in midflight:
         runs = sorted((experiment / f"trial_{trial_id}").glob("run-*"))
-        assert len(runs) == 1 or "resumed from" in (runs[-1] / "train.log").read_text()
+        if trial_id in known_to_tune:  # run again by the resumed driver, from its checkpoint
+            assert len(runs) == 2 and "resumed from" in (runs[-1] / "train.log").read_text(), runs
+        else:  # started after Tune last saved its state: a new trial took its place
+            assert trial_id not in by_id and len(runs) == 1, (trial_id, sorted(by_id), runs)
+            assert ledger(experiment)[trial_id]["status"] == "abandoned"
 
     study = study_trials(experiment, "resumable")
     tracked = {t.user_attrs.get("tune_trial_id"): t for t in study if t.state.name in ("COMPLETE", "PRUNED")}
