@@ -5,13 +5,13 @@
 Ours: one Tune trial built as the sweep builds it (orchestrate.trial.build_trainer: its
 failure and checkpoint config) runs psdet.engine on ps_gat_tiny at 128x128 on synthetic
 images, 2 workers x 0.5 CPU, on a local Ray (loopback only, 2 CPUs). The workers run
-orchestrate.trial.train_loop_per_worker, instrumented from outside the engine:
-- a global optimizer step hook appends (time, global step) to a per-process file after
-  every step (the global step is Adam's own `step`, which a restore brings back);
-- `psdet.checkpoint.load_checkpoint` is wrapped to stamp when a restore loaded and which
-  step it restored, `RayReporter.latest_checkpoint` to stamp whether Ray had registered a
-  checkpoint to offer;
-- each worker process stamps its start (pid, rank) when the training loop is entered.
+orchestrate.trial.train_loop_per_worker, watched through engine hooks (psdet.hooks):
+- `after_step` appends (time, global steps done) to a per-process file after every step
+  (a restore brings the global step back);
+- `on_restore` stamps when a restore loaded and which step it restored; `on_evaluation`,
+  after the reporter's, when each report returned;
+- each worker process stamps its start (pid, rank) when the training loop is entered,
+  and whether Ray had registered a checkpoint to offer it.
 Bare (first, full size only): a bare `TorchTrainer` with the same workers and failure
 config whose loop holds no psdet (a sleep and an all_reduce per step, a one-file
 checkpoint per epoch): Ray's own floor, measured in the same run.
@@ -19,7 +19,7 @@ The driver watches the stamp files and, three quarters into epochs 2, 4, ..., se
 SIGKILL to one worker (rank 1, then rank 0). Ray Train restarts the worker group
 (`FailureConfig(max_failures)` of search_spaces/optimizer.yaml) and the loop resumes from the
 newer of the checkpoint Ray registered last and the engine's own newest one
-(orchestrate/ray_reporter.py). Per kill:
+(`RayResume`, orchestrate/ray_reporter.py). Per kill:
 - recovery: the kill to the first step a restarted worker completes, split into the kill
   to the new workers entering the loop (Ray), to the checkpoint loaded, to the step;
 - lost: steps completed before the kill minus the restored checkpoint's step; beside it,
@@ -28,8 +28,8 @@ newer of the checkpoint Ray registered last and the engine's own newest one
   every 2 s: a report made just before a crash can be lost).
 The checkpoint interval is the engine's: every epoch (ps_gat_tiny's `ckpt_interval` 1),
 or `--ckpt-every-steps N` for the engine's mid-epoch checkpoints too. `--ray-only`
-resumes from Ray's registered checkpoint alone (as RayReporter did before it also looked
-at the engine's): the comparison that shows what the engine's own checkpoints save.
+resumes from Ray's registered checkpoint alone (`RayResume` without the engine's
+checkpoint folder): the comparison that shows what the engine's own checkpoints save.
 Last line: `recovery: recovery_s=... lost_steps=... ckpt_interval_steps=...` for ours
 (median recovery, most steps lost over the kills). `--small`: one kill of ours, fewer images.
 """
@@ -67,54 +67,45 @@ BARE_STEP_S = 0.2  # the bare loop's step, about ours at this size
 
 
 def instrumented_engine_loop(loop_config: dict) -> None:
-    """orchestrate.trial.train_loop_per_worker, with step, restore and start stamps."""
+    """orchestrate.trial.train_loop_per_worker, with step, restore, report and start stamps
+    written by engine hooks."""
     entered = time.time()  # before the imports: they are part of the loop's restart cost
     import ray.train
-    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from orchestrate import trial
-    from orchestrate.ray_reporter import RayReporter
-    from psdet import checkpoint as ckpt
+    from psdet.hooks import Hook
 
     stamps = Path(loop_config["stamp_dir"])
     rank, pid = ray.train.get_context().get_world_rank(), os.getpid()
     write_stamp(stamps, f"start-{pid}", pid=pid, rank=rank, time=entered)
-    steps_file = open(stamps / f"steps-{pid}-rank{rank}.txt", "a", buffering=1)  # a line reaches the OS at once
 
-    def after_step(optimizer, args, kwargs) -> None:
-        state = optimizer.state[optimizer.param_groups[0]["params"][0]]
-        steps_file.write(f"{time.time():.6f} {int(state['step'])}\n")
+    class Stamps(Hook):
+        """(time, global steps done) after every step and every report, one line each, and the restore."""
 
-    load_checkpoint = ckpt.load_checkpoint
+        def __init__(self) -> None:
+            self.steps_file = open(stamps / f"steps-{pid}-rank{rank}.txt", "a", buffering=1)  # at the OS at once
+            self.reports_file = open(stamps / f"reports-{pid}.txt", "a", buffering=1)
 
-    def stamped_load(path):
-        state, meta = load_checkpoint(path)
-        write_stamp(stamps, f"restore-{pid}", pid=pid, rank=rank, time=time.time(), step=int(state["step"]),
-                    path=str(path))
-        return state, meta
+        def after_step(self, run, step) -> None:
+            self.steps_file.write(f"{time.time():.6f} {step + 1}\n")
 
-    reports_file = open(stamps / f"reports-{pid}.txt", "a", buffering=1)
-    report = RayReporter.report
+        def on_restore(self, run, checkpoint) -> None:
+            write_stamp(stamps, f"restore-{pid}", pid=pid, rank=rank, time=time.time(), step=run.position.step,
+                        path=str(checkpoint))
 
-    def stamped_report(self, metrics, checkpoint):
-        report(self, metrics, checkpoint)
-        reports_file.write(f"{time.time():.6f} {int(metrics['step'])}\n")
+        def on_evaluation(self, run, metrics, checkpoint) -> None:  # after the reporter's, which runs first
+            self.reports_file.write(f"{time.time():.6f} {int(metrics['step'])}\n")
 
-    latest_checkpoint = RayReporter.latest_checkpoint
+        def after_train(self, run) -> None:
+            self.steps_file.close()
+            self.reports_file.close()
 
-    def stamped_latest(self):
-        if loop_config["ray_only"]:
-            self.engine_checkpoints = None
-        registered = ray.train.get_checkpoint()
-        write_stamp(stamps, f"resume-{pid}", pid=pid, rank=rank, time=time.time(),
-                    path=registered.path if registered else None)
-        return latest_checkpoint(self)
-
-    register_optimizer_step_post_hook(after_step)
-    ckpt.load_checkpoint = stamped_load  # the engine calls it through the module
-    RayReporter.latest_checkpoint = stamped_latest
-    RayReporter.report = stamped_report
-    trial.train_loop_per_worker(loop_config)
+    registered = ray.train.get_checkpoint()  # whether Ray has a checkpoint to offer this worker group
+    write_stamp(stamps, f"resume-{pid}", pid=pid, rank=rank, time=time.time(),
+                path=registered.path if registered else None)
+    if loop_config["ray_only"]:
+        loop_config = dict(loop_config, resume_from_engine=False)
+    trial.train_loop_per_worker(loop_config, hooks=[Stamps()])
 
 
 def bare_loop(loop_config: dict) -> None:

@@ -24,9 +24,10 @@ trial has 2 Train workers of 0.5 CPU each (search_spaces/optimizer.yaml's resour
 2. One report with a checkpoint: a real trial, psdet.engine on ps_gat_tiny at its
    defaults (256x256, batch 16, eval and checkpoint every epoch) on 200 + 50 synthetic
    images (`psdet synth`'s defaults), through ours. Rank 0 times every
-   `RayReporter.report` and the engine's own checkpoint write; the epoch time is the
-   interval between reports (steps + evaluation + checkpoint + report). Beside it, Ray's
-   floor: a bare trainer reporting that checkpoint, and reporting none, 2.5 s apart.
+   `RayReporter.report` and, through an engine hook (`on_checkpoint`), the engine's own
+   checkpoint write; the epoch time is the interval between reports (steps + evaluation
+   + checkpoint + report). Beside it, Ray's floor: a bare trainer reporting that
+   checkpoint, and reporting none, 2.5 s apart.
 3. Driver memory: one `Tuner` running back-to-back no-op trials of ours (as a sweep
    does); the driver's RSS after each trial, growth from trial 2 to the last; and the
    seconds per trial in such a sweep (Tune's experiment setup paid once).
@@ -88,12 +89,11 @@ def bare_noop_loop(loop_config: dict) -> None:
 
 def ours_noop_loop(loop_config: dict) -> None:
     start = time.time()
-    from orchestrate.ray_reporter import TOTAL_EPOCHS, RayReporter
+    from orchestrate.ray_reporter import TOTAL_EPOCHS, RayReporter, RayResume
 
-    reporter = RayReporter(extra_metrics={TOTAL_EPOCHS: 1})
-    reporter.latest_checkpoint()
+    RayResume().latest_checkpoint()
     first_step = time.time()
-    reporter.report({"epoch": 1, "step": 1, "loss": 0.0}, None)
+    RayReporter(extra_metrics={TOTAL_EPOCHS: 1}).report({"epoch": 1, "step": 1, "loss": 0.0}, None)
     write_stamp(loop_config["stamp_dir"], f"{loop_config['label']}.rank{_rank()}",
                 start=start, first_step=first_step, end=time.time())
 
@@ -101,12 +101,11 @@ def ours_noop_loop(loop_config: dict) -> None:
 def ours_in_process_noop(params: dict, loop_config: dict) -> None:
     """A one-worker trial's no-op: in the Tune trial process, as orchestrate.trial.train_in_process."""
     start = time.time()
-    from orchestrate.trial import TuneReporter
+    from orchestrate.trial import TuneReporter, TuneResume
 
-    reporter = TuneReporter(trial_dir=None)
-    reporter.latest_checkpoint()
+    TuneResume(trial_dir=None).latest_checkpoint()
     first_step = time.time()
-    reporter.report({"epoch": 1, "step": 1, "loss": 0.0, "total_epochs": 1}, None)
+    TuneReporter().report({"epoch": 1, "step": 1, "loss": 0.0, "total_epochs": 1}, None)
     write_stamp(loop_config["stamp_dir"], f"{loop_config['label']}.rank0",
                 start=start, first_step=first_step, end=time.time())
 
@@ -133,23 +132,16 @@ def bare_report_loop(loop_config: dict) -> None:
 
 
 def timed_engine_loop(loop_config: dict) -> None:
-    """orchestrate.trial.train_loop_per_worker, with rank 0 timing each report and checkpoint write."""
-    from orchestrate.ray_reporter import TOTAL_EPOCHS, RayReporter
-    from psdet import checkpoint as ckpt
+    """orchestrate.trial.train_loop_per_worker, with rank 0 timing each report (a reporter
+    that times the trial's own) and each checkpoint write (an engine hook)."""
+    from orchestrate.ray_reporter import RayReporter, RayResume
     from psdet.config import config_from_dict
     from psdet.engine import train
+    from psdet.hooks import Hook
 
     cfg = config_from_dict(loop_config["config"], source="benchmark config")
     reports: list[dict] = []
     saves: list[dict] = []
-    save_checkpoint = ckpt.save_checkpoint
-
-    def timed_save(*args, **kwargs):
-        start = time.time()
-        path = save_checkpoint(*args, **kwargs)
-        size = sum(f.stat().st_size for f in Path(path).iterdir())
-        saves.append({"start": start, "end": time.time(), "bytes": size, "path": str(path)})
-        return path
 
     class TimedReporter(RayReporter):
         def report(self, metrics, checkpoint):
@@ -158,12 +150,15 @@ def timed_engine_loop(loop_config: dict) -> None:
             reports.append({"start": start, "end": time.time(), "checkpoint": checkpoint is not None,
                             "epoch": metrics["epoch"], "images_per_s": metrics["images_per_s"]})
 
-    ckpt.save_checkpoint = timed_save  # the engine calls it through the module
+    class CheckpointTimes(Hook):
+        def on_checkpoint(self, run, path, seconds):
+            size = sum(f.stat().st_size for f in Path(path).iterdir())
+            end = time.time()
+            saves.append({"start": end - seconds, "end": end, "bytes": size, "path": str(path)})
+
     start = time.time()
-    try:
-        train(cfg, Path(loop_config["out_dir"]), TimedReporter(extra_metrics={TOTAL_EPOCHS: cfg.train.epochs}))
-    finally:
-        ckpt.save_checkpoint = save_checkpoint
+    out_dir = Path(loop_config["out_dir"])
+    train(cfg, out_dir, TimedReporter(), resume=RayResume(), hooks=[CheckpointTimes()])
     if _rank() == 0:
         write_stamp(loop_config["stamp_dir"], f"{loop_config['label']}.rank0", start=start, reports=reports, saves=saves)
 

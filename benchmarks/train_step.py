@@ -8,10 +8,12 @@ Both get the same synthetic batches (random marks, 2..max_points per image, entr
 pairs between consecutive marks); nothing is read from disk.
 
 1. Targets + losses alone, batches like ps_gat's (16x16 grid, batch 16, max_points 10).
-2. The full CPU train step (schedule, forward, loss, backward, grad-norm clip, optimizer
-   step, as psdet.engine does it) of ps_gat_tiny (at its config's size and batch) and
-   ps_gat (VGG16, 512x512, batch 2). One model; ours and the reference alternate step by
-   step, so both see the same weights' cost.
+2. The full CPU train step, `psdet.engine.train_step` itself (schedule, batch to model
+   input, forward, loss, backward through the AMP scaler, grad-norm clip, optimizer step),
+   of ps_gat_tiny (at its config's size and batch) and ps_gat (VGG16, 512x512, batch 2),
+   the reference's loss handed to it as `loss_fn`. One model; ours and the reference
+   alternate step by step, so both see the same weights' cost. The phases are marked
+   from outside the step (see `StepRunner`).
 3. Peak memory: CPU peak RSS (VmHWM: ru_maxrss would carry this parent's peak over
    fork + exec) of each variant in its own fresh process;
    on CUDA, `torch.cuda.max_memory_allocated` over a step.
@@ -54,9 +56,10 @@ from common import (  # noqa: E402
     summary_line,
 )
 from psdet.config import load_config  # noqa: E402
+from psdet.distributed import DistContext  # noqa: E402
+from psdet.engine import build_run, train_step  # noqa: E402
 from psdet.models import build_model  # noqa: E402
 from psdet.models.targets import edge_loss, point_loss, point_targets  # noqa: E402
-from psdet.optim import apply_schedule, build_optimizer  # noqa: E402
 from psdet.testing import reference_loops as ref  # noqa: E402
 
 MAX_POINTS = 10
@@ -149,58 +152,76 @@ def check_losses_agree(model, batch: dict) -> None:
 
 
 class StepRunner:
-    """One model and optimizer, stepped as psdet.engine does, with a chosen loss.
+    """One run (model, optimizer, AMP scaler) stepped by `psdet.engine.train_step`, the
+    engine's own step, with a chosen loss.
 
-    `step(loss_name)` runs one step and, on CPU, records its phases' seconds in
-    `self.phases[loss_name]`.
+    `step(loss_name)` runs one step and records its phases' seconds in
+    `self.phases[loss_name]`, marked from outside psdet: the loss function passed to
+    `train_step` marks where the forward ended and where the loss ended; torch's
+    post-accumulate-grad hooks on the parameters mark where the backward ended (the last to
+    fire); the rest, up to the end of the step, is the clip and the optimizer step.
     """
 
     def __init__(self, config: str, device: torch.device, autocast_dtype: torch.dtype | None = None,
                  channels_last: bool = False, model: torch.nn.Module | None = None) -> None:
-        self.cfg = load_config(config)
+        cfg = load_config(config)
         if model is None:
             torch.manual_seed(0)
-            model = build_model(self.cfg.model, MAX_POINTS)
-        self.model = model.to(device).train()
+            model = build_model(cfg.model, MAX_POINTS)
+        self.run = build_run(cfg, DistContext(rank=0, world_size=1, local_rank=0, device=device), STEPS_PER_EPOCH,
+                             raw_model=model)
+        self.run.raw_model.train()
+        # The engine takes both from the config, on CUDA only; the benchmark sets them on any device.
         if channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(self.model, self.cfg.optim)
+            self.run.raw_model.to(memory_format=torch.channels_last)
+        self.run.channels_last = channels_last
+        self.run.autocast_dtype = autocast_dtype
         self.device = device
-        self.autocast_dtype = autocast_dtype
-        self.channels_last = channels_last
         self.global_step = 0
         self.phases: dict[str, list[dict[str, float]]] = {}
         self.batch: dict | None = None
+        self._backward_done = 0.0
+        for parameter in self.run.raw_model.parameters():
+            parameter.register_post_accumulate_grad_hook(self._mark_backward)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.run.raw_model
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return self.run.autocast_dtype
+
+    @autocast_dtype.setter
+    def autocast_dtype(self, dtype: torch.dtype | None) -> None:
+        self.run.autocast_dtype = dtype
+
+    def _mark_backward(self, parameter: torch.Tensor) -> None:
+        self._backward_done = time.perf_counter()
 
     def set_batch(self, batch: dict) -> None:
-        self.batch = to_device(batch, self.device, self.channels_last)
+        self.batch = to_device(batch, self.device, self.run.channels_last)
 
     def step(self, loss_name: str = "ours") -> None:
         # Phases are host times: exact on the CPU; on CUDA only the whole step is (one sync at the end).
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        batch, model, optimizer, cfg = self.batch, self.model, self.optimizer, self.cfg
+        loss = LOSSES[loss_name]
+        marks: dict[str, float] = {}
+
+        def timed_loss(outputs: dict, batch: dict):
+            marks["forward"] = time.perf_counter()
+            result = loss(self.run.raw_model, outputs, batch)
+            marks["loss"] = time.perf_counter()
+            return result
+
         start = time.perf_counter()
-        apply_schedule(optimizer, cfg.optim, self.global_step, STEPS_PER_EPOCH, cfg.train.epochs)
-        if self.autocast_dtype is not None:
-            with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
-                outputs = model(batch["image"], batch["marks"], batch["num_marks"])
-        else:
-            outputs = model(batch["image"], batch["marks"], batch["num_marks"])
-        forward_done = time.perf_counter()
-        loss, _ = LOSSES[loss_name](model, outputs, batch)
-        loss_done = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        backward_done = time.perf_counter()
-        if cfg.optim.grad_norm_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_norm_clip)
-        optimizer.step()
+        train_step(self.run, self.batch, self.global_step, loss_fn=timed_loss)
         sync()
         end = time.perf_counter()
         self.global_step += 1
         self.phases.setdefault(loss_name, []).append({
-            "forward": forward_done - start, "loss": loss_done - forward_done,
-            "backward": backward_done - loss_done, "optimizer": end - backward_done,
+            "forward": marks["forward"] - start, "loss": marks["loss"] - marks["forward"],
+            "backward": self._backward_done - marks["loss"], "optimizer": end - self._backward_done,
         })
 
 

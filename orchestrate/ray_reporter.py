@@ -1,10 +1,8 @@
-"""How psdet.engine's reports reach Ray: a `Reporter` for the Train workers and a
-controller-side callback that forwards them to Tune.
+"""How psdet.engine meets Ray Train: where a worker resumes from (`RayResume`), where its
+reports go (`RayReporter`), and a controller-side callback that forwards them to Tune.
 
-Worker side (`RayReporter`): every rank calls `report` once per evaluation, as the engine
-contract says; `ray.train.report` is a barrier across ranks, and only rank 0 hands over a
-checkpoint directory, which Ray copies into the run's storage. Where to resume from is
-the newer (by global step) of two candidates, chosen on rank 0 and broadcast to all ranks:
+Where to resume from (`RayResume`): the newer (by global step) of two candidates, chosen
+on rank 0 and broadcast to all ranks:
 - what Ray Train registered last (`ray.train.get_checkpoint()`): what a trial re-run by a
   resumed driver continues from;
 - the engine's own newest valid checkpoint in its run directory, when that directory is
@@ -14,6 +12,10 @@ the newer (by global step) of two candidates, chosen on rank 0 and broadcast to 
   polls the workers, every 2 s) and the engine's mid-epoch checkpoints
   (`train.ckpt_every_steps`), which are never reported. So the work lost to a worker
   failure is at most one checkpoint interval.
+
+Reports (`RayReporter`): every rank calls `report` once per evaluation, as the engine
+contract says; `ray.train.report` is a barrier across ranks, and only rank 0 hands over a
+checkpoint directory, which Ray copies into the run's storage.
 
 Controller side (`TuneReport`): Ray's `TuneReportCallback` plus the number of times Ray
 Train restarted this run's worker group.
@@ -59,17 +61,16 @@ def newer_of(from_ray: Path | None, engine: tuple[Path, dict] | None) -> Path | 
     return engine_path if engine_meta["step"] > ray_step else from_ray
 
 
-class RayReporter:
-    """The engine's `Reporter` inside a Ray Train worker.
+class RayResume:
+    """The engine's `ResumeSource` inside a Ray Train worker (every rank asks; rank 0 chooses).
 
-    `extra_metrics` are added to every report (the trial's planned epoch count, so the
-    searcher can tell a finished trial from one the scheduler stopped).
     `engine_checkpoints`: the engine's checkpoint folder, when every worker can read it
-    (shared or single-node storage); None to resume from Ray's checkpoints alone.
+    (shared or single-node storage); None to resume from Ray's checkpoints alone. Keep
+    the object until the engine has loaded the checkpoint: a remote one is downloaded into
+    a temporary directory that lives as long as it does.
     """
 
-    def __init__(self, extra_metrics: dict[str, Any] | None = None, engine_checkpoints: Path | None = None) -> None:
-        self.extra_metrics = dict(extra_metrics or {})
+    def __init__(self, engine_checkpoints: Path | None = None) -> None:
         self.engine_checkpoints = engine_checkpoints
         self._downloaded: tempfile.TemporaryDirectory | None = None
 
@@ -104,6 +105,17 @@ class RayReporter:
             self._downloaded = tempfile.TemporaryDirectory(prefix="psdet-resume-")
             checkpoint.to_directory(self._downloaded.name)
         return Path(self._downloaded.name)
+
+
+class RayReporter:
+    """The engine's `Reporter` inside a Ray Train worker: each evaluation to `ray.train.report`.
+
+    `extra_metrics` are added to every report (the benchmarks' no-op loops use it for the
+    planned epoch count, which the engine itself reports).
+    """
+
+    def __init__(self, extra_metrics: dict[str, Any] | None = None) -> None:
+        self.extra_metrics = dict(extra_metrics or {})
 
     def report(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
         metrics = {**metrics, **self.extra_metrics}

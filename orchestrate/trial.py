@@ -7,12 +7,13 @@ Every trial is a function trainable (`run_trial`). How it trains depends on its 
   (in the trainer's callbacks) forwards rank 0's metrics and the checkpoint to Tune. A
   dead worker is restarted by Ray Train (`worker_max_failures`).
 - **one worker**: the engine runs in the trial's own process, reporting to Tune through
-  `TuneReporter`, as Ray's guidance for non-distributed trials has it. A trainer would
-  add a controller and a worker group, about 14 s of start and teardown per trial
-  (benchmarks/sweep_overhead.py), for nothing it does with one worker. The trial process
-  is the worker, so a dead worker is a failed trial that Tune retries from its newest
-  checkpoint (`worker_max_failures + trial_max_failures` times in all); Tune reuses the
-  process for the next trial (`reuse_actors`), which keeps torch imported.
+  `TuneReporter` (resuming through `TuneResume`), as Ray's guidance for non-distributed
+  trials has it. A trainer would add a controller and a worker group, about 14 s of
+  start and teardown per trial (benchmarks/sweep_overhead.py), for nothing it does with
+  one worker. The trial process is the worker, so a dead worker is a failed trial that
+  Tune retries from its newest checkpoint (`worker_max_failures + trial_max_failures`
+  times in all); Tune reuses the process for the next trial (`reuse_actors`), which
+  keeps torch imported.
 
 Layout of one trial, under the experiment directory `<storage>/<name>`:
 
@@ -33,7 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import pyarrow.fs
 import ray.train
@@ -41,13 +42,16 @@ from ray import tune
 from ray.train.torch import TorchTrainer
 
 from orchestrate import storage
-from orchestrate.ray_reporter import RayReporter, TuneReport, newer_of
+from orchestrate.ray_reporter import RayReporter, RayResume, TuneReport, newer_of
 from orchestrate.results import FINISHED, read_ledger
 from orchestrate.search import strip_baseline
 from orchestrate.space import SweepSpec, SyntheticData, trial_config
 from psdet import checkpoint as ckpt
 from psdet.config import Config, config_from_dict, to_dict
 from psdet.reporting import TOTAL_EPOCHS
+
+if TYPE_CHECKING:
+    from psdet.hooks import Hook
 
 TRAIN_RUN_NAME = "train"
 
@@ -101,7 +105,7 @@ def engine_out_dir(setup: TrialSetup, trial_id: str) -> str:
     A new one per run of the trial: when a resumed driver starts the trial again, workers
     of the dead driver may still be alive for a moment, and two engines must never prune
     each other's checkpoints. A restarted worker group of the same run resumes from the newer
-    of Ray's copy (train/checkpoint_*) and the engine's own here (see RayReporter); a new
+    of Ray's copy (train/checkpoint_*) and the engine's own here (see RayResume); a new
     run of the trial, from Ray's.
     """
     run = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
@@ -174,15 +178,24 @@ def train_in_process(setup: TrialSetup, trial_id: str, cfg: Config) -> None:
     cfg.train.device = "cuda" if setup.use_gpu else "cpu"
     dirs = engine_dirs(setup, trial_id)
     earlier_runs = Path(trial_uri(setup, trial_id)) if dirs["resume_from_engine"] else None
-    train(cfg, Path(dirs["out_dir"]), TuneReporter(earlier_runs))
+    train(cfg, Path(dirs["out_dir"]), TuneReporter(), resume=TuneResume(earlier_runs))
 
 
 class TuneReporter:
     """The engine's `Reporter` in a one-worker trial: each evaluation and its checkpoint go
-    to `tune.report`; a retried or resumed trial continues from the newer (by global step)
-    of the checkpoint Tune restored and the engine's newest valid one in the trial's
-    earlier runs (`trial_dir`, local storage only: a mid-epoch checkpoint, or one whose
-    report Tune had not taken when the process died)."""
+    to `tune.report`."""
+
+    def report(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(checkpoint) if checkpoint else None)
+
+
+class TuneResume:
+    """The engine's `ResumeSource` in a one-worker trial: a retried or resumed trial continues
+    from the newer (by global step) of the checkpoint Tune restored and the engine's newest
+    valid one in the trial's earlier runs (`trial_dir`, local storage only: a mid-epoch
+    checkpoint, or one whose report Tune had not taken when the process died). Keep the
+    object until the engine has loaded the checkpoint (a remote one is downloaded into a
+    temporary directory that lives as long as it does)."""
 
     def __init__(self, trial_dir: Path | None) -> None:
         self.trial_dir = trial_dir
@@ -206,9 +219,6 @@ class TuneReporter:
         self._downloaded = tempfile.TemporaryDirectory(prefix="psdet-resume-")
         checkpoint.to_directory(self._downloaded.name)
         return Path(self._downloaded.name)
-
-    def report(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
-        tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(checkpoint) if checkpoint else None)
 
 
 def finished_result(setup: TrialSetup, trial_id: str) -> dict[str, Any] | None:
@@ -236,8 +246,9 @@ def finished_result(setup: TrialSetup, trial_id: str) -> dict[str, Any] | None:
     return {**metrics, "checkpoint_path": result.checkpoint.path}
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Every Ray Train worker: make sure the data is on this node, then run psdet.engine."""
+def train_loop_per_worker(loop_config: dict[str, Any], hooks: Sequence[Hook] = ()) -> None:
+    """Every Ray Train worker: make sure the data is on this node, then run psdet.engine
+    (`hooks` too: benchmarks/recovery.py watches the loop with them)."""
     from psdet.engine import train
 
     cfg = config_from_dict(loop_config["config"], source="trial config")
@@ -246,8 +257,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         ensure_synthetic(loop_config["synthetic"], Path(cfg.data.root))
     out_dir = Path(loop_config["out_dir"])
-    reporter = RayReporter(engine_checkpoints=out_dir / "checkpoints" if loop_config.get("resume_from_engine") else None)
-    train(cfg, out_dir, reporter)
+    resume = RayResume(out_dir / "checkpoints" if loop_config.get("resume_from_engine") else None)
+    train(cfg, out_dir, RayReporter(), resume=resume, hooks=hooks)
 
 
 def trainable(setup: TrialSetup):

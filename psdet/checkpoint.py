@@ -23,7 +23,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -237,3 +237,24 @@ def prune(root: Path, keep: int) -> None:
         if stale.name.endswith(f"-{os.getpid()}"):
             continue
         shutil.rmtree(stale, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+class ResumeSource(Protocol):
+    """Where a run resumes from. The engine asks once, on every rank, after building the run
+    and before its first step; every rank must get the same answer."""
+
+    def latest_checkpoint(self) -> Path | None:
+        """The checkpoint directory to resume from, or None to start fresh."""
+
+
+class LocalResume:
+    """The newest valid checkpoint under `root` (a run's `checkpoints/`): `psdet train --resume`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def latest_checkpoint(self) -> Path | None:
+        return latest_valid(self.root)

@@ -83,16 +83,17 @@ def _load(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from psdet import engine
-    from psdet.reporting import LocalReporter
-
+    from psdet.checkpoint import LocalResume
     from psdet.data import list_samples
+    from psdet.reporting import LocalReporter
 
     cfg = _load(args)
     for split in (cfg.data.train_split, cfg.data.val_split):  # fail before any log output
         list_samples(Path(cfg.data.root), split)
     out = Path(args.out or Path("runs") / "train" / cfg.name)
     is_main = int(os.environ.get("RANK", "0")) == 0
-    metrics = engine.train(cfg, out, LocalReporter(out, resume=args.resume, is_main=is_main))
+    resume = LocalResume(out / "checkpoints") if args.resume else None
+    metrics = engine.train(cfg, out, LocalReporter(out, is_main=is_main), resume=resume)
     if is_main:
         print(json.dumps({"out": str(out), **metrics}))
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -381,23 +382,74 @@ def validate(cfg: Config, source: str) -> None:
         fail("model.nms_radius", "must be positive")
     if cfg.model.max_candidates < cfg.data.max_points:
         fail("model.max_candidates", f"must be >= data.max_points ({cfg.data.max_points})")
-    if cfg.optim.lr <= 0:
-        fail("optim.lr", "must be positive")
-    if not 0 < cfg.optim.pct_start < 1:
-        fail("optim.pct_start", "must be in (0, 1)")
-    if len(cfg.optim.moms) != 2 or len(cfg.optim.betas) != 2:
-        fail("optim.moms", "and optim.betas must have two values each")
-    if cfg.optim.warmup_epochs < 0 or not 0 < cfg.optim.warmup_start_factor <= 1:
-        fail("optim.warmup_start_factor", "must be in (0, 1] with warmup_epochs >= 0")
     for key in ("epochs", "eval_interval", "ckpt_interval", "keep_checkpoints"):
         if getattr(cfg.train, key) <= 0:
             fail(f"train.{key}", "must be positive")
-    from psdet.optim import validate_optim_config  # optim imports this module
-
     try:
-        validate_optim_config(cfg.optim, total_epochs=cfg.train.epochs)
+        validate_optim(cfg.optim, total_epochs=cfg.train.epochs)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def effective_scheduler(cfg: OptimConfig) -> str:
+    """The scheduler a run uses: `adam_onecycle` always means `onecycle` (see psdet/optim.py)."""
+    return "onecycle" if cfg.optimizer == "adam_onecycle" else cfg.scheduler
+
+
+def validate_optim(cfg: OptimConfig, steps_per_epoch: int | None = None, total_epochs: int | None = None) -> None:
+    """Raise ConfigError for optimizer, schedule and warmup settings that cannot work together.
+
+    The one place these rules live. It runs when a config is loaded (`validate`, which
+    names the file), and once more where psdet.optim takes an `OptimConfig` that may have
+    been built in code: `build_optimizer` and the curve functions. Never per step.
+    With `steps_per_epoch` and `total_epochs` it also checks the run's shape.
+    """
+
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"'optim.{key}' {why}")
+
+    if cfg.lr <= 0 or not math.isfinite(cfg.lr):
+        fail("lr", f"must be a positive number, got {cfg.lr}")
+    if cfg.weight_decay < 0:
+        fail("weight_decay", f"must be >= 0, got {cfg.weight_decay}")
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        fail("betas", f"must be two values in [0, 1), got {cfg.betas}")
+    if len(cfg.moms) != 2 or not all(0 <= m < 1 for m in cfg.moms):
+        fail("moms", f"must be two values in [0, 1), got {cfg.moms}")
+    if not 0 <= cfg.momentum < 1:
+        fail("momentum", f"must be in [0, 1), got {cfg.momentum}")
+    if cfg.nesterov:
+        if cfg.optimizer != "sgd":
+            fail("nesterov", f"applies only to optimizer sgd, not {cfg.optimizer}")
+        if cfg.momentum <= 0:
+            fail("nesterov", f"needs optim.momentum > 0 (Nesterov momentum with momentum {cfg.momentum} "
+                             "is plain SGD); set optim.momentum or nesterov: false")
+        if effective_scheduler(cfg) == "onecycle" and min(cfg.moms) <= 0:
+            fail("nesterov", f"needs every onecycle momentum in optim.moms > 0, got {cfg.moms}")
+    if not 0 < cfg.pct_start < 1:
+        fail("pct_start", f"must be in (0, 1), got {cfg.pct_start}")
+    if cfg.div_factor <= 0 or cfg.final_div_factor <= 0:
+        fail("div_factor", f"and optim.final_div_factor must be positive, got {cfg.div_factor}, {cfg.final_div_factor}")
+    if not 0 <= cfg.lr_clip <= cfg.lr:
+        fail("lr_clip", f"must be in [0, optim.lr = {cfg.lr}], got {cfg.lr_clip}")
+    if cfg.lr_decay <= 0:
+        fail("lr_decay", f"must be positive, got {cfg.lr_decay}")
+    if any(epoch < 0 for epoch in cfg.decay_step_list):
+        fail("decay_step_list", f"must hold epochs >= 0, got {cfg.decay_step_list}")
+    if cfg.poly_power <= 0:
+        fail("poly_power", f"must be positive, got {cfg.poly_power}")
+    if cfg.warmup_epochs < 0:
+        fail("warmup_epochs", f"must be >= 0, got {cfg.warmup_epochs}")
+    if not 0 < cfg.warmup_start_factor <= 1:
+        fail("warmup_start_factor", f"must be in (0, 1], got {cfg.warmup_start_factor}")
+    if steps_per_epoch is not None and steps_per_epoch <= 0:
+        raise ConfigError(f"an epoch has {steps_per_epoch} steps: the training set is smaller than one batch "
+                          "(check data.root and data.batch_size)")
+    if total_epochs is not None:
+        if total_epochs <= 0:
+            raise ConfigError(f"'train.epochs' must be positive, got {total_epochs}")
+        if cfg.warmup != "none" and cfg.warmup_epochs > total_epochs:
+            fail("warmup_epochs", f"({cfg.warmup_epochs}) is longer than the run (train.epochs = {total_epochs})")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -1,10 +1,14 @@
-"""The per-worker training loop. It knows nothing of Ray: it gets a `Reporter`.
+"""The per-worker training loop. It knows nothing of Ray: it gets a reporter, a resume
+source and hooks.
 
-The loop follows the seed script step by step: config and logger, process group (when
-launched distributed), seeding, TensorBoard, data, model, SyncBN, optimizer, restore,
-DDP wrap, schedules with warmup, then epochs with evaluation every `eval_interval`
-epochs and a checkpoint every `ckpt_interval` epochs (and every `ckpt_every_steps`
-steps), keeping the newest `keep_checkpoints`.
+`train` reads top to bottom: logging, process group (when launched distributed), seeding,
+data, the run (model, SyncBN, optimizer, AMP scaler), restore, DDP wrap, then epochs of
+`train_step` with evaluation every `eval_interval` epochs and a checkpoint every
+`ckpt_interval` epochs (and every `ckpt_every_steps` steps), keeping the newest
+`keep_checkpoints`. The learning rate and momentum of each step come from psdet.optim.
+A checkpoint is `Run.state_dict()`; a restore is `Run.load_state_dict()` of the same dict.
+Everything that watches the loop (log lines, progress, TensorBoard, the reporter, a
+benchmark's timer) is a psdet.hooks.Hook.
 
 The only assumption on the outside world: every rank calls `train` with the same config.
 """
@@ -16,6 +20,8 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,7 @@ from psdet.config import Config, dump_yaml
 from psdet.data import build_dataset
 from psdet.data.batch import collate_fn, model_input
 from psdet.errors import ConfigError, DataError, NonFiniteLossError
+from psdet.hooks import Hook, StepLosses, default_hooks
 from psdet.metrics import evaluate, truth_from_batch
 from psdet.models import build_model
 from psdet.optim import apply_schedule, build_optimizer
@@ -37,6 +44,8 @@ from psdet.reporting import LOSS_TERMS, TOTAL_EPOCHS, LocalReporter, Reporter
 from psdet.sampler import ResumableSampler
 
 log = logging.getLogger("psdet")
+
+LossFn = Callable[[dict[str, torch.Tensor], dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def setup_logging(out_dir: Path | None, is_main: bool) -> None:
@@ -62,11 +71,99 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+def uses_channels_last(cfg: Config, device: torch.device) -> bool:
+    """Model and input in channels-last memory format: `train.channels_last`, on CUDA only."""
+    return cfg.train.channels_last and device.type == "cuda"
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The forward's autocast dtype for `train.precision` (CUDA only); None runs in fp32."""
     if device.type != "cuda" or cfg.train.precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+        return None
+    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Run:
+    """One worker's run, built: what `train_step`, a checkpoint and every hook see.
+
+    `raw_model` is the detector itself (its parameters, `loss`, `predict`, the state_dict a
+    checkpoint holds); `model` is what the forward runs: `raw_model`, or DDP around it.
+    `position` is where training stood at the last checkpoint or epoch end; `restarts`
+    how often this run was restored from a checkpoint. A checkpoint's `state.pt` is
+    `state_dict()`, and `load_state_dict` of that dict puts the run back, RNG included.
+    """
+
+    cfg: Config
+    ctx: distributed.DistContext
+    raw_model: torch.nn.Module
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    steps_per_epoch: int
+    channels_last: bool  # input (and model) in channels-last memory format
+    autocast_dtype: torch.dtype | None  # the forward runs under autocast to this dtype; None: fp32
+    position: ckpt.Position = ckpt.Position(epoch=0, step=0, batch=0)
+    restarts: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.position.epoch,
+            "step": self.position.step,
+            "batch": self.position.batch,
+            "restarts": self.restarts,
+            "rng": ckpt.capture_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.position = ckpt.Position(state["epoch"], state["step"], state["batch"])
+        self.restarts = state["restarts"]
+        ckpt.restore_rng_state(state["rng"])
+
+
+def build_run(cfg: Config, ctx: distributed.DistContext, steps_per_epoch: int,
+              raw_model: torch.nn.Module | None = None) -> Run:
+    """The model (a fresh `build_model` unless given; SyncBN under DDP on CUDA) on `ctx.device`,
+    its optimizer and AMP scaler, at step 0. `model` is `raw_model` until `train` wraps it in DDP."""
+    raw_model = build_model(cfg.model, cfg.data.max_points) if raw_model is None else raw_model
+    if cfg.train.sync_bn and ctx.distributed:
+        if ctx.device.type == "cuda":
+            raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
+        else:
+            log.warning("train.sync_bn ignored: SyncBatchNorm needs CUDA; BatchNorm stays per-process on %s",
+                        ctx.device)
+    channels_last = uses_channels_last(cfg, ctx.device)
+    raw_model.to(ctx.device)
+    if channels_last:
+        raw_model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(raw_model, cfg.optim)
+    scaler = torch.amp.GradScaler("cuda", enabled=ctx.device.type == "cuda" and cfg.train.precision == "fp16")
+    return Run(cfg, ctx, raw_model, raw_model, optimizer, scaler, steps_per_epoch, channels_last,
+               autocast_dtype(cfg, ctx.device))
+
+
+def restore(run: Run, checkpoint: Path) -> dict[str, float]:
+    """Put `run` back to the verified `checkpoint` (one more restart); -> the metrics saved with it."""
+    state, meta = ckpt.load_checkpoint(checkpoint)
+    run.load_state_dict(state)
+    run.restarts += 1
+    return meta["metrics"]
+
+
+# ----------------------------------------------------------------------------- one step
 
 
 def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
@@ -77,273 +174,229 @@ def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool)
     return moved
 
 
-def _loader(dataset, sampler, batch_size: int, num_workers: int, seed: int, device: torch.device) -> DataLoader:
-    # An explicit generator keeps DataLoader seeding off the global torch RNG (exact resume).
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        collate_fn=collate_fn(device),
-        drop_last=False,
-        generator=torch.Generator().manual_seed(seed),
-        persistent_workers=False,
-    )
+def train_step(run: Run, batch: dict[str, Any], step: int,
+               loss_fn: LossFn | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Global step `step` (0-based) on one collated batch: set that step's lr and momentum,
+    move the batch to the device as model input, forward (under `run.autocast_dtype`), loss
+    (`loss_fn(outputs, batch)`, by default the detector's own), backward through the AMP
+    scaler, grad-norm clip, optimizer step.
+
+    -> (the loss terms [3] in psdet.reporting.LOSS_TERMS order, detached, on the device,
+    unsynced; {"lr", "momentum"} of the step).
+    """
+    cfg = run.cfg
+    schedule = apply_schedule(run.optimizer, cfg.optim, step, run.steps_per_epoch, cfg.train.epochs)
+    batch = _to_device(batch, run.ctx.device, run.channels_last)
+    with _autocast(run.ctx.device, run.autocast_dtype):
+        outputs = run.model(batch["image"], batch["marks"], batch["num_marks"])
+    loss, terms = (loss_fn or run.raw_model.loss)(outputs, batch)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if cfg.optim.grad_norm_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.optim.grad_norm_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return torch.stack([loss.detach(), terms["loss_point"].detach(), terms["loss_edge"].detach()]), schedule
 
 
-class _Progress:
-    """A terminal progress line on rank 0: redrawn in place on a TTY, every 10% otherwise."""
-
-    def __init__(self, enabled: bool, total: int, epoch: int, epochs: int) -> None:
-        self.enabled = enabled
-        self.total = max(total, 1)
-        self.prefix = f"epoch {epoch + 1}/{epochs}"
-        self.tty = sys.stderr.isatty()
-        self.last_decile = -1
-        self.start = time.perf_counter()
-
-    def update(self, done: int, loss: float | None) -> None:
-        if not self.enabled:
-            return
-        decile = 10 * done // self.total
-        if not self.tty and decile == self.last_decile:
-            return
-        self.last_decile = decile
-        rate = done / max(time.perf_counter() - self.start, 1e-9)
-        loss_text = f" loss {loss:.4f}" if loss is not None else ""
-        line = f"{self.prefix} [{done}/{self.total}] {rate:.2f} it/s{loss_text}"
-        sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
+# ----------------------------------------------------------------------------- train
 
 
-def _state(module: torch.nn.Module, optimizer, scaler, position: ckpt.Position, restarts: int) -> dict:
-    return {
-        "model": module.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": position.epoch,
-        "step": position.step,
-        "batch": position.batch,
-        "restarts": restarts,
-        "rng": ckpt.capture_rng_state(),
-    }
-
-
-def run_evaluation(module: torch.nn.Module, dataset, cfg: Config, ctx: distributed.DistContext) -> dict[str, float]:
-    """Point and slot precision/recall/AP over `dataset`, sharded across ranks, scored on rank 0."""
-    module.eval()
-    shard = list(range(ctx.rank, len(dataset), ctx.world_size))
-    loader = DataLoader(
-        torch.utils.data.Subset(dataset, shard),
-        batch_size=cfg.data.val_batch_size,
-        num_workers=cfg.data.num_workers,
-        pin_memory=ctx.device.type == "cuda",
-    )
-    predictions, truths = [], []
-    channels_last = cfg.train.channels_last and ctx.device.type == "cuda"
-    with torch.no_grad(), _autocast(cfg, ctx.device):
-        for batch in loader:
-            predictions += module.predict(model_input(batch["image"].to(ctx.device, non_blocking=True),
-                                                      channels_last=channels_last))
-            truths += truth_from_batch(batch)
-    gathered = distributed.gather_to_main((predictions, truths), ctx)
-    metrics = None
-    if gathered is not None:
-        all_predictions = [p for part, _ in gathered for p in part]
-        all_truths = [t for _, part in gathered for t in part]
-        metrics = evaluate(all_predictions, all_truths)
-    return distributed.broadcast_from_main(metrics, ctx)
-
-
-def train(cfg: Config, out_dir: Path, reporter: Reporter | None = None) -> dict[str, float]:
+def train(cfg: Config, out_dir: Path, reporter: Reporter | None = None, *,
+          resume: ckpt.ResumeSource | None = None, hooks: Sequence[Hook] = ()) -> dict[str, float]:
     """Train `cfg` on this worker; returns the last reported metrics.
 
     Alone it runs on one device; under torchrun (or inside Ray Train, which has already
     made the process group) every rank runs this with the same config and DDP keeps
-    them in step. `reporter` decides where to resume from and receives each evaluation.
+    them in step. `reporter` receives each evaluation (default: `OUT/metrics.jsonl`);
+    `resume` says which checkpoint to continue from (default: none, start fresh);
+    `hooks` watch the loop, after the built-in ones (psdet.hooks.default_hooks).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     ctx = distributed.setup(cfg.train.device)
     try:
-        return _train(cfg, out_dir, reporter or LocalReporter(out_dir, is_main=ctx.is_main), ctx)
+        return _train(cfg, out_dir, ctx, reporter or LocalReporter(out_dir, is_main=ctx.is_main), resume, hooks)
     finally:
         distributed.teardown(owns_group)
 
 
-def _train(cfg: Config, out_dir: Path, reporter: Reporter, ctx: distributed.DistContext) -> dict[str, float]:
+@dataclass(frozen=True)
+class _Data:
+    train_set: torch.utils.data.Dataset
+    val_set: torch.utils.data.Dataset
+    sampler: ResumableSampler
+    batch_size: int  # per worker
+
+
+def _train(cfg: Config, out_dir: Path, ctx: distributed.DistContext, reporter: Reporter,
+           resume: ckpt.ResumeSource | None, extra_hooks: Sequence[Hook]) -> dict[str, float]:
     setup_logging(out_dir, ctx.is_main)
     config_yaml = dump_yaml(cfg)
     log.info("config:\n%s", config_yaml)
     log.info("device %s, rank %d of %d, pid %d", ctx.device, ctx.rank, ctx.world_size, os.getpid())
     seed_everything(cfg.train.seed)
-
-    if cfg.data.batch_size % ctx.world_size:
-        raise ConfigError(f"data.batch_size {cfg.data.batch_size} is not divisible by the {ctx.world_size} workers")
-    batch_size = cfg.data.batch_size // ctx.world_size
-    log.info("batch size %d per worker, %d in total", batch_size, cfg.data.batch_size)
-
-    writer = None
-    if ctx.is_main:
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(logdir=str(out_dir / "tensorboard"))
-
+    data = _build_data(cfg, ctx)
+    run = build_run(cfg, ctx, data.sampler.batches_per_epoch)
+    log.info("model: %d parameters", sum(p.numel() for p in run.raw_model.parameters()))
+    hooks = [*default_hooks(run, out_dir, reporter), *extra_hooks]
+    checkpoints = _Checkpoints(out_dir / "checkpoints", config_yaml, cfg.train.keep_checkpoints)
     try:
-        train_set = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.train.seed)
-        val_set = build_dataset(cfg.data, cfg.data.val_split, train=False, seed=cfg.train.seed)
-        sampler = ResumableSampler(len(train_set), batch_size, seed=cfg.train.seed, rank=ctx.rank,
-                                   world_size=ctx.world_size)
-        steps_per_epoch = sampler.batches_per_epoch
-        if steps_per_epoch == 0:
-            raise DataError(
-                f"{cfg.data.root}: {len(train_set)} training images give no full batch of {batch_size} per worker; "
-                "lower data.batch_size or add images"
-            )
-        log.info("%d training images, %d validation images, %d steps per epoch",
-                 len(train_set), len(val_set), steps_per_epoch)
-
-        module = build_model(cfg.model, cfg.data.max_points)
-        if cfg.train.sync_bn and ctx.distributed:
-            if ctx.device.type == "cuda":
-                module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
-            else:
-                log.warning("train.sync_bn ignored: SyncBatchNorm needs CUDA; BatchNorm stays per-process on %s",
-                            ctx.device)
-        module.to(ctx.device)
-        if cfg.train.channels_last and ctx.device.type == "cuda":
-            module.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(module, cfg.optim)
-        scaler = torch.amp.GradScaler("cuda", enabled=ctx.device.type == "cuda" and cfg.train.precision == "fp16")
-
-        position = ckpt.Position(epoch=0, step=0, batch=0)
-        restarts = 0
-        resume_from = reporter.latest_checkpoint()
-        finished_metrics: dict[str, float] | None = None
-        if resume_from is not None:
-            state, meta = ckpt.load_checkpoint(resume_from)
-            finished_metrics = meta["metrics"]
-            module.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            position = ckpt.Position(state["epoch"], state["step"], state["batch"])
-            restarts = state["restarts"] + 1
-            ckpt.restore_rng_state(state["rng"])
-            log.info("resumed from %s: epoch %d, step %d, batch %d (restart %d)",
-                     resume_from, position.epoch + 1, position.step, position.batch, restarts)
-
-        if finished_metrics is not None and position.epoch >= cfg.train.epochs:
-            # Restored after its last epoch (e.g. the driver died right after it): nothing to
-            # train, but the listener still gets the run's final metrics once more.
-            log.info("the run had already finished; reporting its final metrics again")
-            final = {**finished_metrics, "restarts": restarts, "train_s": 0.0, "eval_s": 0.0}
-            reporter.report(final, None)
-            return final
-
-        model = module
+        for hook in hooks:
+            hook.before_train(run)
+        checkpoint = resume.latest_checkpoint() if resume is not None else None
+        if checkpoint is not None:
+            resumed_metrics = restore(run, checkpoint)
+            for hook in hooks:
+                hook.on_restore(run, checkpoint)
+            if run.position.epoch >= cfg.train.epochs:
+                return _report_finished_run(run, resumed_metrics, hooks)
         if ctx.distributed:
-            model = DistributedDataParallel(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-        log.info("model: %d parameters", sum(p.numel() for p in module.parameters()))
+            run.model = DistributedDataParallel(
+                run.raw_model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        return _train_epochs(run, data, checkpoints, hooks)
+    finally:
+        for hook in hooks:
+            hook.after_train(run)  # on every exit: a non-finite loss, a stop, a kill by the scheduler
 
-        ckpt_root = out_dir / "checkpoints"
-        total_epochs = cfg.train.epochs
-        last_metrics: dict[str, float] = {}
-        eval_metrics: dict[str, float] = {}
 
-        def save(at: ckpt.Position, metrics: dict[str, float]) -> Path | None:
-            path = None
-            if ctx.is_main:
-                path = ckpt.save_checkpoint(ckpt_root, at, _state(module, optimizer, scaler, at, restarts),
-                                            config_yaml, metrics)
-                ckpt.prune(ckpt_root, cfg.train.keep_checkpoints)
-            distributed.barrier(ctx)
-            return path
-
-        for epoch in range(position.epoch, total_epochs):
-            skip = position.batch if epoch == position.epoch else 0
-            train_set.set_epoch(epoch)
-            sampler.set_epoch(epoch, skip_batches=skip)
-            loader = _loader(train_set, sampler, batch_size, cfg.data.num_workers, cfg.train.seed + epoch, ctx.device)
-            module.train()
-            progress = _Progress(ctx.is_main and cfg.train.progress, steps_per_epoch, epoch, total_epochs)
-            pending: list[torch.Tensor] = []  # per-step loss terms, checked once per log interval
-            epoch_terms = torch.zeros(len(LOSS_TERMS), dtype=torch.float64)
-            epoch_steps = 0
-            step = position.step if epoch == position.epoch else epoch * steps_per_epoch
-            epoch_start_step = step
-            started = time.perf_counter()
-            schedule = {}
-            for batch_index, batch in enumerate(loader, start=skip):
-                schedule = apply_schedule(optimizer, cfg.optim, step, steps_per_epoch, total_epochs)
-                batch = _to_device(batch, ctx.device, cfg.train.channels_last and ctx.device.type == "cuda")
-                with _autocast(cfg, ctx.device):
-                    outputs = model(batch["image"], batch["marks"], batch["num_marks"])
-                loss, terms = module.loss(outputs, batch)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.optim.grad_norm_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.optim.grad_norm_clip)
-                scaler.step(optimizer)
-                scaler.update()
+def _train_epochs(run: Run, data: _Data, checkpoints: _Checkpoints, hooks: list[Hook]) -> dict[str, float]:
+    """The epoch-and-step loop from `run.position` to the last epoch; -> the last epoch's metrics."""
+    cfg, epochs = run.cfg, run.cfg.train.epochs
+    metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    for epoch in range(run.position.epoch, epochs):
+        first_step = step = run.position.step
+        skip = run.position.batch  # > 0 only in an epoch resumed mid-way
+        data.train_set.set_epoch(epoch)
+        data.sampler.set_epoch(epoch, skip_batches=skip)
+        run.raw_model.train()
+        for hook in hooks:
+            hook.before_epoch(run, epoch)
+        pending: list[torch.Tensor] = []  # per-step loss terms, checked once per log interval
+        epoch_terms, epoch_steps, schedule = torch.zeros(len(LOSS_TERMS), dtype=torch.float64), 0, {}
+        started = time.perf_counter()
+        with contextlib.closing(_epoch_batches(data, cfg, epoch, run.ctx.device)) as batches:
+            for done, batch in enumerate(batches, start=skip + 1):
+                for hook in hooks:
+                    hook.before_step(run, step)
+                losses, schedule = train_step(run, batch, step)
+                for hook in hooks:
+                    hook.after_step(run, step)
                 step += 1
-                pending.append(torch.stack([loss.detach(), terms["loss_point"].detach(), terms["loss_edge"].detach()]))
-                done = batch_index + 1
-                if len(pending) >= cfg.train.log_interval or done == steps_per_epoch:
+                pending.append(losses)
+                if len(pending) >= cfg.train.log_interval or done == run.steps_per_epoch:
                     values = _check_finite(pending, step, epoch)
                     epoch_terms += values.sum(0)
                     epoch_steps += len(pending)
                     pending = []
-                    if writer is not None:
-                        for name, value in zip(LOSS_TERMS, values[-1].tolist()):
-                            writer.add_scalar(f"train/{name}", value, step)
-                        writer.add_scalar("train/lr", schedule["lr"], step)
-                        if schedule.get("momentum") is not None:
-                            writer.add_scalar("train/momentum", schedule["momentum"], step)
-                    progress.update(done, float(values[-1, 0]))
-                if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0 and done < steps_per_epoch:
-                    save(ckpt.Position(epoch, step, done), {})
-            progress.close()
-            elapsed = time.perf_counter() - started
-            images_per_s = (step - epoch_start_step) * cfg.data.batch_size / max(elapsed, 1e-9)
-            means = (epoch_terms / max(epoch_steps, 1)).tolist()
-            last_metrics = {name: value for name, value in zip(LOSS_TERMS, means)}
-            last_metrics.update(epoch=epoch + 1, step=step, lr=schedule.get("lr", float("nan")),
-                                images_per_s=images_per_s, restarts=restarts, train_s=elapsed, eval_s=0.0)
-            last_metrics[TOTAL_EPOCHS] = total_epochs
-            log.info("epoch %d/%d: loss %.4f (point %.5f, edge %.4f), %.1f images/s",
-                     epoch + 1, total_epochs, means[0], means[1], means[2], images_per_s)
-            if writer is not None:
-                writer.add_scalar("train/images_per_s", images_per_s, step)
+                    newest = StepLosses(epoch, done, step, dict(zip(LOSS_TERMS, values[-1].tolist())),
+                                        schedule["lr"], schedule["momentum"])
+                    for hook in hooks:
+                        hook.on_losses(run, newest)
+                if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0 and done < run.steps_per_epoch:
+                    run.position = ckpt.Position(epoch, step, done)
+                    checkpoints.save(run, {}, hooks)
+        elapsed = time.perf_counter() - started
+        metrics = dict(zip(LOSS_TERMS, (epoch_terms / max(epoch_steps, 1)).tolist()))
+        metrics.update(epoch=epoch + 1, step=step, lr=schedule.get("lr", float("nan")),
+                       images_per_s=(step - first_step) * cfg.data.batch_size / max(elapsed, 1e-9),
+                       restarts=run.restarts, train_s=elapsed, eval_s=0.0)
+        metrics[TOTAL_EPOCHS] = epochs
+        for hook in hooks:
+            hook.after_epoch(run, dict(metrics))
 
-            finished = epoch + 1 == total_epochs
-            is_eval = (epoch + 1) % cfg.train.eval_interval == 0 or finished
-            is_ckpt = (epoch + 1) % cfg.train.ckpt_interval == 0 or finished
-            if is_eval:
-                eval_started = time.perf_counter()
-                eval_metrics = run_evaluation(module, val_set, cfg, ctx)
-                last_metrics["eval_s"] = time.perf_counter() - eval_started
-                log.info("epoch %d/%d: %s", epoch + 1, total_epochs,
-                         ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-                if writer is not None:
-                    for name, value in eval_metrics.items():
-                        writer.add_scalar(f"val/{name}", value, step)
-            last_metrics.update(eval_metrics)
-            saved = save(ckpt.Position(epoch + 1, step, 0), last_metrics) if is_ckpt else None
-            if is_eval:
-                reporter.report(dict(last_metrics), saved)
-            position = ckpt.Position(epoch + 1, step, 0)
+        finished = epoch + 1 == epochs
+        is_eval = (epoch + 1) % cfg.train.eval_interval == 0 or finished
+        if is_eval:
+            eval_started = time.perf_counter()
+            eval_metrics = run_evaluation(run.raw_model, data.val_set, cfg, run.ctx)
+            metrics["eval_s"] = time.perf_counter() - eval_started
+        metrics.update(eval_metrics)
+        run.position = ckpt.Position(epoch + 1, step, 0)
+        is_ckpt = (epoch + 1) % cfg.train.ckpt_interval == 0 or finished
+        saved = checkpoints.save(run, metrics, hooks) if is_ckpt else None
+        if is_eval:
+            for hook in hooks:
+                hook.on_evaluation(run, dict(metrics), saved)
+    return metrics
 
-        return last_metrics
-    finally:
-        if writer is not None:
-            writer.close()  # on every exit: a non-finite loss, a stop, a kill by the scheduler
+
+def _report_finished_run(run: Run, resumed_metrics: dict[str, float], hooks: list[Hook]) -> dict[str, float]:
+    """A run restored after its last epoch (e.g. the driver died right after it) trains nothing,
+    but its listeners get its final metrics once more, with no engine seconds."""
+    log.info("the run had already finished; reporting its final metrics again")
+    final = {**resumed_metrics, "restarts": run.restarts, "train_s": 0.0, "eval_s": 0.0}
+    for hook in hooks:
+        hook.on_evaluation(run, dict(final), None)
+    return final
+
+
+@dataclass(frozen=True)
+class _Checkpoints:
+    """Where and how this run writes its checkpoints."""
+
+    root: Path
+    config_yaml: str
+    keep: int
+
+    def save(self, run: Run, metrics: dict[str, float], hooks: list[Hook]) -> Path | None:
+        """Rank 0 writes `run.state_dict()` at `run.position` and prunes; every rank waits for it.
+        -> the checkpoint directory on rank 0, None elsewhere."""
+        path = None
+        if run.ctx.is_main:
+            state = run.state_dict()
+            started = time.perf_counter()
+            path = ckpt.save_checkpoint(self.root, run.position, state, self.config_yaml, metrics)
+            seconds = time.perf_counter() - started
+            for hook in hooks:
+                hook.on_checkpoint(run, path, seconds)
+            ckpt.prune(self.root, self.keep)
+        distributed.barrier(run.ctx)
+        return path
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _build_data(cfg: Config, ctx: distributed.DistContext) -> _Data:
+    if cfg.data.batch_size % ctx.world_size:
+        raise ConfigError(f"data.batch_size {cfg.data.batch_size} is not divisible by the {ctx.world_size} workers")
+    batch_size = cfg.data.batch_size // ctx.world_size
+    log.info("batch size %d per worker, %d in total", batch_size, cfg.data.batch_size)
+    train_set = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.train.seed)
+    val_set = build_dataset(cfg.data, cfg.data.val_split, train=False, seed=cfg.train.seed)
+    sampler = ResumableSampler(len(train_set), batch_size, seed=cfg.train.seed, rank=ctx.rank,
+                               world_size=ctx.world_size)
+    if sampler.batches_per_epoch == 0:
+        raise DataError(
+            f"{cfg.data.root}: {len(train_set)} training images give no full batch of {batch_size} per worker; "
+            "lower data.batch_size or add images"
+        )
+    log.info("%d training images, %d validation images, %d steps per epoch",
+             len(train_set), len(val_set), sampler.batches_per_epoch)
+    return _Data(train_set, val_set, sampler, batch_size)
+
+
+def _epoch_batches(data: _Data, cfg: Config, epoch: int, device: torch.device) -> Iterator[dict[str, Any]]:
+    """The batches of `epoch`, from where the sampler was set to start. Closing this generator
+    frees the loader's iterator, which stops its worker processes at once, however the
+    epoch ended (a non-finite loss, a stop, a kill by the scheduler)."""
+    loader = DataLoader(
+        data.train_set,
+        batch_size=data.batch_size,
+        sampler=data.sampler,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+        collate_fn=collate_fn(device),
+        drop_last=False,
+        # An explicit generator keeps DataLoader seeding off the global torch RNG (exact resume).
+        generator=torch.Generator().manual_seed(cfg.train.seed + epoch),
+        persistent_workers=False,
+    )
+    yield from loader
 
 
 def _check_finite(pending: list[torch.Tensor], step: int, epoch: int) -> torch.Tensor:
@@ -356,3 +409,33 @@ def _check_finite(pending: list[torch.Tensor], step: int, epoch: int) -> torch.T
         terms = ", ".join(f"{name}={value}" for name, value in zip(LOSS_TERMS, values[first].tolist()))
         raise NonFiniteLossError(f"non-finite loss at epoch {epoch + 1}, step {at_step}: {terms}")
     return values
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def run_evaluation(raw_model: torch.nn.Module, dataset, cfg: Config, ctx: distributed.DistContext) -> dict[str, float]:
+    """Point and slot precision/recall/AP of `raw_model` (the detector, not a DDP wrapper) over
+    `dataset`, sharded across ranks, scored on rank 0, the same on every rank."""
+    raw_model.eval()
+    shard = list(range(ctx.rank, len(dataset), ctx.world_size))
+    loader = DataLoader(
+        torch.utils.data.Subset(dataset, shard),
+        batch_size=cfg.data.val_batch_size,
+        num_workers=cfg.data.num_workers,
+        pin_memory=ctx.device.type == "cuda",
+    )
+    predictions, truths = [], []
+    channels_last = uses_channels_last(cfg, ctx.device)
+    with torch.no_grad(), _autocast(ctx.device, autocast_dtype(cfg, ctx.device)):
+        for batch in loader:
+            predictions += raw_model.predict(model_input(batch["image"].to(ctx.device, non_blocking=True),
+                                                         channels_last=channels_last))
+            truths += truth_from_batch(batch)
+    gathered = distributed.gather_to_main((predictions, truths), ctx)
+    metrics = None
+    if gathered is not None:
+        all_predictions = [p for part, _ in gathered for p in part]
+        all_truths = [t for _, part in gathered for t in part]
+        metrics = evaluate(all_predictions, all_truths)
+    return distributed.broadcast_from_main(metrics, ctx)

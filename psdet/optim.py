@@ -9,6 +9,10 @@ step into every param group. The only schedule state is the global step, so resu
 is "load the optimizer, carry on from the saved step", and `lr_curve` draws the exact
 curve a run will get (`--dry-run`).
 
+The rules on which settings work together live in `psdet.config.validate_optim`. They
+run when a config is loaded, and once per run in `build_optimizer` (and per call of the
+curve functions) for an `OptimConfig` built in code; never in `apply_schedule`.
+
 Steps are counted from 0; a run has `steps_per_epoch * total_epochs` steps. Steps at
 or past the end get the final value (the original kept evaluating its cosine past
 the end and the lr climbed again).
@@ -61,18 +65,10 @@ warmup_start_factor at step 0 to 1 at step w: linearly (`linear`) or along a hal
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-from psdet.config import OptimConfig
-from psdet.errors import ConfigError
-
-
-def effective_scheduler(cfg: OptimConfig) -> str:
-    """The scheduler a run uses: `adam_onecycle` always means `onecycle`."""
-    return "onecycle" if cfg.optimizer == "adam_onecycle" else cfg.scheduler
+from psdet.config import OptimConfig, effective_scheduler, validate_optim
 
 
 def total_steps(steps_per_epoch: int, total_epochs: int) -> int:
@@ -86,61 +82,6 @@ def warmup_steps(cfg: OptimConfig, steps_per_epoch: int) -> int:
     return int(round(cfg.warmup_epochs * steps_per_epoch))
 
 
-def validate_optim_config(cfg: OptimConfig, steps_per_epoch: int | None = None,
-                          total_epochs: int | None = None) -> None:
-    """Raise ConfigError for settings that cannot work together.
-
-    Called by `build_optimizer` and by every schedule function, so a bad combination
-    fails before the first step whichever is called first.
-    """
-
-    def fail(key: str, why: str) -> None:
-        raise ConfigError(f"'optim.{key}' {why}")
-
-    if cfg.lr <= 0 or not math.isfinite(cfg.lr):
-        fail("lr", f"must be a positive number, got {cfg.lr}")
-    if cfg.weight_decay < 0:
-        fail("weight_decay", f"must be >= 0, got {cfg.weight_decay}")
-    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
-        fail("betas", f"must be two values in [0, 1), got {cfg.betas}")
-    if len(cfg.moms) != 2 or not all(0 <= m < 1 for m in cfg.moms):
-        fail("moms", f"must be two values in [0, 1), got {cfg.moms}")
-    if not 0 <= cfg.momentum < 1:
-        fail("momentum", f"must be in [0, 1), got {cfg.momentum}")
-    if cfg.nesterov:
-        if cfg.optimizer != "sgd":
-            fail("nesterov", f"applies only to optimizer sgd, not {cfg.optimizer}")
-        if cfg.momentum <= 0:
-            fail("nesterov", f"needs optim.momentum > 0 (Nesterov momentum with momentum {cfg.momentum} "
-                             "is plain SGD); set optim.momentum or nesterov: false")
-        if effective_scheduler(cfg) == "onecycle" and min(cfg.moms) <= 0:
-            fail("nesterov", f"needs every onecycle momentum in optim.moms > 0, got {cfg.moms}")
-    if not 0 < cfg.pct_start < 1:
-        fail("pct_start", f"must be in (0, 1), got {cfg.pct_start}")
-    if cfg.div_factor <= 0 or cfg.final_div_factor <= 0:
-        fail("div_factor", f"and optim.final_div_factor must be positive, got {cfg.div_factor}, {cfg.final_div_factor}")
-    if not 0 <= cfg.lr_clip <= cfg.lr:
-        fail("lr_clip", f"must be in [0, optim.lr = {cfg.lr}], got {cfg.lr_clip}")
-    if cfg.lr_decay <= 0:
-        fail("lr_decay", f"must be positive, got {cfg.lr_decay}")
-    if any(epoch < 0 for epoch in cfg.decay_step_list):
-        fail("decay_step_list", f"must hold epochs >= 0, got {cfg.decay_step_list}")
-    if cfg.poly_power <= 0:
-        fail("poly_power", f"must be positive, got {cfg.poly_power}")
-    if cfg.warmup_epochs < 0:
-        fail("warmup_epochs", f"must be >= 0, got {cfg.warmup_epochs}")
-    if not 0 < cfg.warmup_start_factor <= 1:
-        fail("warmup_start_factor", f"must be in (0, 1], got {cfg.warmup_start_factor}")
-    if steps_per_epoch is not None and steps_per_epoch <= 0:
-        raise ConfigError(f"an epoch has {steps_per_epoch} steps: the training set is smaller than one batch "
-                          "(check data.root and data.batch_size)")
-    if total_epochs is not None:
-        if total_epochs <= 0:
-            raise ConfigError(f"'train.epochs' must be positive, got {total_epochs}")
-        if cfg.warmup != "none" and cfg.warmup_epochs > total_epochs:
-            fail("warmup_epochs", f"({cfg.warmup_epochs}) is longer than the run (train.epochs = {total_epochs})")
-
-
 # ----------------------------------------------------------------------------- optimizers
 
 
@@ -148,8 +89,10 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     """One param group over every trainable parameter of `model`, lr = optim.lr.
 
     The lr and momentum are placeholders until `apply_schedule` sets those of the step.
+    `cfg` is checked here, once per run (`psdet.config.validate_optim`); `apply_schedule`
+    then trusts it.
     """
-    validate_optim_config(cfg)
+    validate_optim(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
@@ -164,8 +107,9 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 
 
 # ----------------------------------------------------------------------------- schedules
-# The array versions are the only implementation; the scalar functions call them with one
-# step, so a curve and the values a run gets cannot disagree.
+# The array versions are the only implementation; the scalar functions and apply_schedule
+# call them with one step, so a curve and the values a run gets cannot disagree. The public
+# curves check the config first; apply_schedule, run every step, does not.
 
 
 def _annealing_cos(start: float, end: float, pct: np.ndarray) -> np.ndarray:
@@ -219,23 +163,31 @@ def _as_steps(steps, n_steps: int) -> np.ndarray:
     return np.minimum(steps, n_steps)  # past the end: the final value
 
 
-def lr_curve(cfg: OptimConfig, steps_per_epoch: int, total_epochs: int, steps=None) -> np.ndarray:
-    """lr at each of `steps` (default: every step of the run), float64 `[len(steps)]`."""
-    validate_optim_config(cfg, steps_per_epoch, total_epochs)
+def _lr(cfg: OptimConfig, steps, steps_per_epoch: int, total_epochs: int) -> np.ndarray:
     n_steps = total_steps(steps_per_epoch, total_epochs)
     steps = _as_steps(np.arange(n_steps) if steps is None else steps, n_steps)
     return _scheduled_lr(cfg, steps, steps_per_epoch, n_steps) * _warmup_factor(cfg, steps, steps_per_epoch)
 
 
-def momentum_curve(cfg: OptimConfig, steps_per_epoch: int, total_epochs: int, steps=None) -> np.ndarray | None:
-    """Momentum (SGD) or beta1 (Adam/AdamW) at each of `steps`; None when it is not scheduled."""
-    validate_optim_config(cfg, steps_per_epoch, total_epochs)
+def _momentum(cfg: OptimConfig, steps, steps_per_epoch: int, total_epochs: int) -> np.ndarray | None:
     if not cycles_momentum(cfg):
         return None
     n_steps = total_steps(steps_per_epoch, total_epochs)
     steps = _as_steps(np.arange(n_steps) if steps is None else steps, n_steps)
     high, low = cfg.moms
     return _one_cycle(steps, n_steps, cfg.pct_start, high, low, high)
+
+
+def lr_curve(cfg: OptimConfig, steps_per_epoch: int, total_epochs: int, steps=None) -> np.ndarray:
+    """lr at each of `steps` (default: every step of the run), float64 `[len(steps)]`."""
+    validate_optim(cfg, steps_per_epoch, total_epochs)
+    return _lr(cfg, steps, steps_per_epoch, total_epochs)
+
+
+def momentum_curve(cfg: OptimConfig, steps_per_epoch: int, total_epochs: int, steps=None) -> np.ndarray | None:
+    """Momentum (SGD) or beta1 (Adam/AdamW) at each of `steps`; None when it is not scheduled."""
+    validate_optim(cfg, steps_per_epoch, total_epochs)
+    return _momentum(cfg, steps, steps_per_epoch, total_epochs)
 
 
 def cycles_momentum(cfg: OptimConfig) -> bool:
@@ -268,11 +220,11 @@ def apply_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int
     Both are written every step, scheduled or not, so the optimizer's hyperparameters
     depend on (cfg, step) only, never on what a loaded state_dict carried.
     Returns {"lr": ..., "momentum": ...} (the momentum or beta1 in effect) for logging.
+    It runs every step, so it does not check `cfg` again: `build_optimizer` did, once.
     """
-    lr = lr_at(cfg, step, steps_per_epoch, total_epochs)
-    momentum = momentum_at(cfg, step, steps_per_epoch, total_epochs)
-    if momentum is None:
-        momentum = base_momentum(cfg)
+    lr = float(_lr(cfg, [step], steps_per_epoch, total_epochs)[0])
+    cycled = _momentum(cfg, [step], steps_per_epoch, total_epochs)
+    momentum = base_momentum(cfg) if cycled is None else float(cycled[0])
     key = "momentum" if cfg.optimizer == "sgd" else "betas"
     for group in optimizer.param_groups:
         if key not in group:

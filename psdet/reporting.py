@@ -1,9 +1,11 @@
-"""How the engine hands out metrics and checkpoints, without knowing who listens.
+"""Where the engine's evaluations go, without the engine knowing who listens; and the names
+of what it reports.
 
-The engine calls `report` on every rank once per evaluation; rank 0 passes the
-checkpoint directory it just wrote (or None), other ranks pass None. Where to resume
-from is the reporter's business too: a local run looks in its own checkpoint folder, a
-Ray Train worker asks Ray (see orchestrate/ray_reporter.py).
+A `Reporter` gets `report(metrics, checkpoint)` on every rank once per evaluation (through
+psdet.hooks.ReportHook); rank 0 passes the checkpoint directory it just wrote (or None),
+other ranks pass None. A local run appends to `OUT/metrics.jsonl` (`LocalReporter`); a
+sweep's trial reports to Ray (orchestrate/trial.py, orchestrate/ray_reporter.py). Where a
+run resumes from is not the reporter's business: see psdet.checkpoint.ResumeSource.
 """
 from __future__ import annotations
 
@@ -11,8 +13,6 @@ import json
 import math
 from pathlib import Path
 from typing import Protocol
-
-from psdet import checkpoint as ckpt
 
 # The names of what the engine reports once per evaluation (docs/CONTRACTS.md): the one
 # list the engine, the search-space validator and the sweep's results all use.
@@ -25,30 +25,18 @@ REPORTED = ("epoch", "step", *LOSS_TERMS, "lr", *EVAL_METRICS, "restarts", "imag
 
 
 class Reporter(Protocol):
-    def latest_checkpoint(self) -> Path | None:
-        """The checkpoint directory to resume from, or None to start fresh."""
-
     def report(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
         """Take one evaluation's metrics, with the checkpoint written at that point."""
 
 
 class LocalReporter:
-    """Appends metrics to `OUT/metrics.jsonl`; resumes from the newest valid checkpoint
-    under `OUT/checkpoints` when `resume` is set."""
+    """Appends each evaluation's metrics (and its checkpoint's path) to `OUT/metrics.jsonl` on rank 0."""
 
-    def __init__(self, out_dir: Path, resume: bool = False, is_main: bool = True) -> None:
+    def __init__(self, out_dir: Path, is_main: bool = True) -> None:
         self.out_dir = Path(out_dir)
-        self.resume = resume
         self.is_main = is_main
-        self.history: list[dict[str, float]] = []
-
-    def latest_checkpoint(self) -> Path | None:
-        if not self.resume:
-            return None
-        return ckpt.latest_valid(self.out_dir / "checkpoints")
 
     def report(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
-        self.history.append(dict(metrics))
         if not self.is_main:
             return
         row = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}

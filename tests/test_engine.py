@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +24,11 @@ import torch
 from psdet import checkpoint as ckpt
 from psdet.config import load_config
 from psdet.engine import train
-from psdet.reporting import LocalReporter
+from psdet.errors import NonFiniteLossError
+from psdet.hooks import Hook
+from psdet.models import build_model
+from psdet.optim import build_optimizer
+from psdet.reporting import REPORTED
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,6 +70,49 @@ def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 def _psdet(*args: str) -> list[str]:
     return [sys.executable, "-m", "psdet", *args]
+
+
+class Recorder(Hook):
+    """Every hook call of a run, in order, with what the hook saw."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+    def details(self, name: str) -> list:
+        return [detail for called, detail in self.calls if called == name]
+
+    def before_train(self, run):
+        self.calls.append(("before_train", run.position))
+
+    def on_restore(self, run, checkpoint):
+        self.calls.append(("on_restore", (checkpoint, run.position, run.restarts)))
+
+    def before_epoch(self, run, epoch):
+        self.calls.append(("before_epoch", epoch))
+
+    def before_step(self, run, step):
+        self.calls.append(("before_step", step))
+
+    def after_step(self, run, step):
+        self.calls.append(("after_step", step))
+
+    def on_losses(self, run, losses):
+        self.calls.append(("on_losses", losses))
+
+    def on_checkpoint(self, run, path, seconds):
+        self.calls.append(("on_checkpoint", (path, run.position, seconds)))
+
+    def after_epoch(self, run, metrics):
+        self.calls.append(("after_epoch", metrics))
+
+    def on_evaluation(self, run, metrics, checkpoint):
+        self.calls.append(("on_evaluation", (metrics, checkpoint)))
+
+    def after_train(self, run):
+        self.calls.append(("after_train", None))
 
 
 def test_resume_after_sigkill_mid_epoch_is_exact(synth_data, tmp_path):
@@ -113,10 +162,15 @@ def test_resume_from_mid_epoch_checkpoint_in_process(synth_data, tmp_path):
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(start, resumed / "checkpoints" / start.name)
-    reporter = LocalReporter(resumed, resume=True)
-    metrics = train(cfg, resumed, reporter)
+    recorder = Recorder()
+    metrics = train(cfg, resumed, resume=ckpt.LocalResume(resumed / "checkpoints"), hooks=[recorder])
     assert metrics["restarts"] == 1
     _assert_same_weights(_final_weights(clean), _final_weights(resumed))
+    meta = ckpt.read_meta(start)
+    assert recorder.details("on_restore") == [
+        (resumed / "checkpoints" / start.name, ckpt.Position(meta["epoch"], meta["step"], meta["batch"]), 1)]
+    assert recorder.details("before_step")[0] == meta["step"]  # the step after the checkpoint's, not a rerun
+    assert recorder.details("before_epoch") == [1]
 
 
 def test_corrupt_newest_checkpoint_falls_back_with_warning(synth_data, tmp_path, caplog):
@@ -138,7 +192,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_warning(synth_data, tmp_path,
     assert any("corrupt" in r.message and first.name in r.message for r in caplog.records)
 
     # Resuming continues from the previous checkpoint and finishes the run.
-    metrics = train(cfg, run, LocalReporter(run, resume=True))
+    metrics = train(cfg, run, resume=ckpt.LocalResume(run / "checkpoints"))
     assert metrics["epoch"] == 2 and metrics["restarts"] == 1
 
 
@@ -200,7 +254,7 @@ def test_resuming_a_finished_run_reports_its_final_metrics_again(synth_data, tmp
     cfg = _cfg(synth_data, "train.epochs=1")
     run = tmp_path / "run"
     first = train(cfg, run)
-    again = train(cfg, run, LocalReporter(run, resume=True))
+    again = train(cfg, run, resume=ckpt.LocalResume(run / "checkpoints"))
     assert again["restarts"] == 1 and again["epoch"] == 1 and again["total_epochs"] == 1
     assert first["train_s"] > 0 and first["eval_s"] > 0
     assert again["train_s"] == again["eval_s"] == 0  # nothing trained: no engine seconds for a sweep's goodput
@@ -208,3 +262,76 @@ def test_resuming_a_finished_run_reports_its_final_metrics_again(synth_data, tmp
     assert kept(again) == kept(first)
     rows = (run / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2 and len(ckpt.list_checkpoints(run / "checkpoints")) == 1
+
+
+def test_hooks_see_every_step_checkpoint_and_evaluation_in_order(synth_data, tmp_path):
+    run = tmp_path / "run"
+    cfg = _cfg(synth_data, "train.epochs=2", "train.ckpt_every_steps=4", "train.keep_checkpoints=10")
+    recorder = Recorder()
+    metrics = train(cfg, run, hooks=[recorder])
+
+    names = recorder.names()
+    assert names[0] == "before_train" and names[-1] == "after_train" and "on_restore" not in names
+    assert recorder.details("before_epoch") == [0, 1]
+    # 48 images / 8 per batch = 6 steps per epoch; each step's two calls side by side
+    assert recorder.details("before_step") == recorder.details("after_step") == list(range(12))
+    for index, name in enumerate(names):
+        if name == "before_step":
+            assert names[index + 1] == "after_step"
+    assert [(losses.epoch, losses.batch, losses.step) for losses in recorder.details("on_losses")] == [
+        (0, 2, 2), (0, 4, 4), (0, 6, 6), (1, 2, 8), (1, 4, 10), (1, 6, 12)]  # every log_interval = 2 steps
+    assert all(set(losses.losses) == {"loss", "loss_point", "loss_edge"} for losses in recorder.details("on_losses"))
+
+    checkpoints = recorder.details("on_checkpoint")  # mid-epoch every 4 steps, and each epoch's end
+    assert [position for _, position, _ in checkpoints] == [
+        ckpt.Position(0, 4, 4), ckpt.Position(1, 6, 0), ckpt.Position(1, 8, 2), ckpt.Position(2, 12, 0)]
+    assert [path for path, _, _ in checkpoints] == ckpt.list_checkpoints(run / "checkpoints")
+    assert all(seconds > 0 for _, _, seconds in checkpoints)
+
+    evaluations = recorder.details("on_evaluation")
+    assert [report["epoch"] for report, _ in evaluations] == [1, 2]
+    assert all(set(REPORTED) <= set(report) for report, _ in evaluations)
+    assert [checkpoint for _, checkpoint in evaluations] == [checkpoints[1][0], checkpoints[3][0]]
+    assert evaluations[-1][0] == metrics
+    epoch_ends = [index for index, name in enumerate(names) if name == "after_epoch"]
+    assert [names[index + 1:index + 3] for index in epoch_ends] == [["on_checkpoint", "on_evaluation"]] * 2
+    assert recorder.details("after_epoch")[0]["images_per_s"] > 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2  # the built-in reporter, beside ours
+
+
+def test_non_finite_loss_stops_the_loader_workers_and_closes_tensorboard(synth_data, tmp_path):
+    run = tmp_path / "nan"
+    cfg = _cfg(synth_data, "model.weight_point=.nan", "data.num_workers=2")
+    threads = set(threading.enumerate())
+    recorder = Recorder()
+    with pytest.raises(NonFiniteLossError, match="epoch 1, step 1") as raised:
+        train(cfg, run, hooks=[recorder])
+    assert raised.traceback  # the loop's frames are still alive, and with them whatever they held
+    assert multiprocessing.active_children() == []  # the DataLoader's two workers have stopped
+    deadline = time.monotonic() + 10  # a closed queue's feeder thread ends a moment later
+    while set(threading.enumerate()) - threads and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [thread.name for thread in set(threading.enumerate()) - threads] == []  # TensorBoard's writer's too
+    assert recorder.names()[-1] == "after_train"
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_checkpoint_in_the_stored_layout_resumes(synth_data, tmp_path):
+    """state.pt as checkpoints have always held it, written here without the engine: a run
+    resumes from it where it says (a change to Run.state_dict must keep reading these)."""
+    cfg = _cfg(synth_data, "train.epochs=2")
+    torch.manual_seed(5)
+    model = build_model(cfg.model, cfg.data.max_points)
+    optimizer = build_optimizer(model, cfg.optim)
+    state = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scaler": torch.amp.GradScaler("cuda", enabled=False).state_dict(),
+        "epoch": 1, "step": 6, "batch": 0, "restarts": 3, "rng": ckpt.capture_rng_state(),
+    }
+    run = tmp_path / "run"
+    saved = ckpt.save_checkpoint(run / "checkpoints", ckpt.Position(1, 6, 0), state, "name: stored\n", {"loss": 1.0})
+    recorder = Recorder()
+    metrics = train(cfg, run, resume=ckpt.LocalResume(run / "checkpoints"), hooks=[recorder])
+    assert recorder.details("on_restore") == [(saved, ckpt.Position(1, 6, 0), 4)]
+    assert recorder.details("before_step") == list(range(6, 12))
+    assert metrics["epoch"] == 2 and metrics["step"] == 12 and metrics["restarts"] == 4

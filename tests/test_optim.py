@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import re
+import subprocess
+import sys
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from psdet.config import OptimConfig, load_config
+from psdet.config import OptimConfig, load_config, resolve_config_path
 from psdet.errors import ConfigError
 from psdet.optim import (
     apply_schedule,
@@ -318,6 +322,32 @@ def test_bad_combinations_raise_config_error(changes, message):
         build_optimizer(small_model(), cfg)
     with pytest.raises(ConfigError, match=re.escape(message)):
         lr_at(cfg, 0, 10, 10)
+    # the same rule, met where a user meets it: loading a config, the error naming the file
+    overrides = [f"optim.{key}={json.dumps(value)}" for key, value in changes.items()]
+    source = re.escape(str(resolve_config_path("ps_gat_tiny")))
+    with pytest.raises(ConfigError, match=rf"^{source}: .*{re.escape(message)}"):
+        load_config("ps_gat_tiny", overrides)
+
+
+def test_apply_schedule_trusts_the_config_build_optimizer_checked():
+    """The rules run once per run (build_optimizer, and when the config is loaded), not in
+    apply_schedule, which runs every step."""
+    cfg = make_cfg(scheduler="cosine", lr=0.01, lr_clip=1e-4)
+    optimizer = build_optimizer(small_model(), cfg)
+    unchecked = dataclasses.replace(cfg, lr_clip=0.1)  # above lr: rejected wherever the rules run
+    with pytest.raises(ConfigError, match="'optim.lr_clip'"):
+        lr_at(unchecked, 0, 10, 10)
+    assert apply_schedule(optimizer, unchecked, 0, 10, 10)["lr"] == pytest.approx(0.01)
+
+
+def test_the_config_module_does_not_import_optim():
+    """config.py holds the optimizer rules; optim.py imports config, never the other way round."""
+    probe = ("import sys; from psdet.config import load_config; load_config('ps_gat_tiny'); "
+             "print('psdet.optim' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
 
 
 def test_run_shape_errors():

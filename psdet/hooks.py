@@ -1,0 +1,194 @@
+"""Hooks: the one way to watch or time the training loop from outside it.
+
+The engine (psdet/engine.py) takes a list of `Hook`s and calls each of them, in list
+order, at fixed points of the loop. Its own console output, its TensorBoard scalars and
+its reports are hooks too (`default_hooks`); a benchmark or a caller adds more. The model
+is detectron2's `HookBase`.
+
+Every method is called on every rank, except `on_checkpoint` (rank 0, which writes the
+checkpoint). A hook that should act once checks `run.ctx.is_main`. `run` is the
+engine's `Run`: config, device context, raw model, optimizer, position.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from psdet.reporting import EVAL_METRICS, Reporter
+
+if TYPE_CHECKING:
+    from psdet.engine import Run
+
+log = logging.getLogger("psdet")
+
+
+@dataclass(frozen=True)
+class StepLosses:
+    """The loss terms of the newest step, read on the host once per `train.log_interval` steps
+    (and at the end of each epoch): one device sync per interval, not per step."""
+
+    epoch: int  # 0-based
+    batch: int  # batches of this epoch done
+    step: int  # global steps done
+    losses: dict[str, float]  # psdet.reporting.LOSS_TERMS of the newest step
+    lr: float
+    momentum: float  # SGD momentum or Adam beta1 in effect
+
+
+class Hook:
+    """Watches the loop; every method does nothing here. The order of calls in one run:
+
+    before_train
+    on_restore                  once, if the run was restored from a checkpoint
+    per epoch:
+        before_epoch
+        per step:               before_step, after_step; then on_losses every
+                                train.log_interval steps, on_checkpoint after a
+                                mid-epoch checkpoint (train.ckpt_every_steps)
+        after_epoch             the epoch's training figures, before evaluation
+        on_checkpoint           the epoch's checkpoint, every train.ckpt_interval epochs (rank 0)
+        on_evaluation           every train.eval_interval epochs, after that checkpoint
+    after_train                 on every exit, an error included: close what before_train
+                                opened (it may have raised before reaching this hook)
+
+    A run restored after its last epoch calls on_evaluation once, with the final metrics it
+    had saved and no checkpoint, and trains nothing.
+    """
+
+    def before_train(self, run: Run) -> None:
+        pass
+
+    def on_restore(self, run: Run, checkpoint: Path) -> None:
+        """`run` now holds the state of `checkpoint` (`run.position`, `run.restarts` included)."""
+
+    def before_epoch(self, run: Run, epoch: int) -> None:
+        """`epoch` is 0-based; `run.position.batch` batches of it are already done (a mid-epoch resume)."""
+
+    def before_step(self, run: Run, step: int) -> None:
+        """`step`: the 0-based global index of the step about to run."""
+
+    def after_step(self, run: Run, step: int) -> None:
+        """`step`: the index of the step just done (the optimizer has stepped); no host sync here."""
+
+    def on_losses(self, run: Run, losses: StepLosses) -> None:
+        pass
+
+    def on_checkpoint(self, run: Run, path: Path, seconds: float) -> None:
+        """Rank 0 wrote `path` (at `run.position`) in `seconds`, before pruning older ones."""
+
+    def after_epoch(self, run: Run, metrics: dict[str, float]) -> None:
+        """`metrics`: the epoch's loss means, lr, images/s and train seconds (no evaluation yet)."""
+
+    def on_evaluation(self, run: Run, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        """`metrics` holds every name in psdet.reporting.REPORTED; `checkpoint` is the one written
+        at this point, on rank 0 (None elsewhere, or when this epoch wrote none)."""
+
+    def after_train(self, run: Run) -> None:
+        pass
+
+
+class ReportHook(Hook):
+    """Hands each evaluation and its checkpoint to a `Reporter`, on every rank."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+
+    def on_evaluation(self, run: Run, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        self.reporter.report(dict(metrics), checkpoint)
+
+
+class LoggingHook(Hook):
+    """psdet's log lines about the loop: the restore, each epoch's losses and each evaluation."""
+
+    def on_restore(self, run: Run, checkpoint: Path) -> None:
+        position = run.position
+        log.info("resumed from %s: epoch %d, step %d, batch %d (restart %d)",
+                 checkpoint, position.epoch + 1, position.step, position.batch, run.restarts)
+
+    def after_epoch(self, run: Run, metrics: dict[str, float]) -> None:
+        log.info("epoch %d/%d: loss %.4f (point %.5f, edge %.4f), %.1f images/s", metrics["epoch"],
+                 run.cfg.train.epochs, metrics["loss"], metrics["loss_point"], metrics["loss_edge"],
+                 metrics["images_per_s"])
+
+    def on_evaluation(self, run: Run, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        log.info("epoch %d/%d: %s", metrics["epoch"], run.cfg.train.epochs,
+                 ", ".join(f"{name} {metrics[name]:.4f}" for name in EVAL_METRICS if name in metrics))
+
+
+class ProgressHook(Hook):
+    """A terminal progress line on rank 0: redrawn in place on a TTY, every 10% otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.prefix = ""
+        self.last_decile = -1
+        self.start = 0.0
+
+    def before_epoch(self, run: Run, epoch: int) -> None:
+        self.prefix = f"epoch {epoch + 1}/{run.cfg.train.epochs}"
+        self.last_decile = -1
+        self.start = time.perf_counter()
+
+    def on_losses(self, run: Run, losses: StepLosses) -> None:
+        total = max(run.steps_per_epoch, 1)
+        decile = 10 * losses.batch // total
+        if not self.tty and decile == self.last_decile:
+            return
+        self.last_decile = decile
+        rate = losses.batch / max(time.perf_counter() - self.start, 1e-9)
+        line = f"{self.prefix} [{losses.batch}/{total}] {rate:.2f} it/s loss {losses.losses['loss']:.4f}"
+        sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
+        sys.stderr.flush()
+
+    def after_epoch(self, run: Run, metrics: dict[str, float]) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+class TensorBoardHook(Hook):
+    """Rank 0's TensorBoard scalars under `OUT/tensorboard`: train/* every log interval,
+    train/images_per_s every epoch, val/* every evaluation. The writer is closed in
+    `after_train`, however the run ends."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.writer = None
+
+    def before_train(self, run: Run) -> None:
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(logdir=str(self.logdir))
+
+    def on_losses(self, run: Run, losses: StepLosses) -> None:
+        for name, value in losses.losses.items():
+            self.writer.add_scalar(f"train/{name}", value, losses.step)
+        self.writer.add_scalar("train/lr", losses.lr, losses.step)
+        self.writer.add_scalar("train/momentum", losses.momentum, losses.step)
+
+    def after_epoch(self, run: Run, metrics: dict[str, float]) -> None:
+        self.writer.add_scalar("train/images_per_s", metrics["images_per_s"], metrics["step"])
+
+    def on_evaluation(self, run: Run, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        for name in EVAL_METRICS:
+            if name in metrics:
+                self.writer.add_scalar(f"val/{name}", metrics[name], metrics["step"])
+
+    def after_train(self, run: Run) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def default_hooks(run: Run, out_dir: Path, reporter: Reporter) -> list[Hook]:
+    """What every run gets: log lines, the progress line and TensorBoard on rank 0, then the reporter."""
+    hooks: list[Hook] = [LoggingHook()]
+    if run.ctx.is_main:
+        if run.cfg.train.progress:
+            hooks.append(ProgressHook())
+        hooks.append(TensorBoardHook(out_dir / "tensorboard"))
+    hooks.append(ReportHook(reporter))
+    return hooks
