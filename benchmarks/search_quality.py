@@ -4,7 +4,8 @@ configuration, against random search without early stopping, on recorded trainin
     python benchmarks/search_quality.py record [--space search_spaces/lr.yaml] [--configs 64] [--jobs 2]
         [--out benchmarks/data/search_quality.parquet] [--overrides KEY=VALUE ...] [--synthetic TRAIN VAL]
     python benchmarks/search_quality.py replay [--table benchmarks/data/search_quality.parquet]
-        [--space search_spaces/lr.yaml] [--seeds 20] [--trials 48] [--sampler-variants] [--small]
+        [--space search_spaces/lr.yaml] [--seeds 20] [--trials 48] [--sampler-variants] [--asha-variants] [--small]
+    python benchmarks/search_quality.py live [--space search_spaces/lr.yaml] [--trials 6]
 
 **record** trains `--configs` configurations of the space for all their epochs and keeps
 every epoch's figures. Config 0 is the baseline (`baseline_params`: the base config's own
@@ -54,13 +55,22 @@ configs' final-epoch metric; and the best at the **budget**, num_samples x max_e
 of the space (the demo sweep without early stopping: 12 x 8 = 96 epochs), or at the
 run's end if it spent fewer. The table shows medians and interquartile ranges per
 strategy; runs that never reach the target count as infinitely many epochs.
-`--sampler-variants` adds tpe+asha runs with other TPE settings (startup trials,
-multivariate+group, constant liar), same seeds. `--small`: 2 seeds of 6 trials (CI).
+`--asha-variants` adds random+asha and tpe+asha runs with other ASHA rungs (grace
+period, reduction factor: `ASHA_VARIANTS`); `--sampler-variants` adds tpe+asha runs with
+other TPE settings (startup trials, multivariate+group, constant liar); same seeds.
+`--small`: 2 seeds of 6 trials (CI).
 
 Last line: `search_quality: ratio=X random_fifo_epochs=A tpe_asha_epochs=B target=T
 budget_epochs=N tpe_asha_best=... random_fifo_best=... seeds=S`, X = A / B (medians of
 epochs to target; `inf` where random+fifo's median run never reached it, `nan` where
 neither did, 0 where only tpe+asha's did not).
+
+**live** checks the replay against real training: each of the four strategies once, as
+a whole sweep of `--trials` trials through `orchestrate/tune.py` (a space file written
+from `--space` with only the sampler type, the scheduler type and `num_samples`
+changed, as `strategy_spec` does; the space's seed and data). It prints each one's
+trials, pruned trials, epochs spent, best final metric and wall time; last line
+`search_quality_live: ranking=A>B>C>D trials=N ..._best=...`.
 
 A missing or foreign table, a bad space or override: one line and exit code 2.
 """
@@ -632,11 +642,12 @@ def _ledger_callback(account: EpochAccount, path: Path):
 # ----------------------------------------------------------------------------- replay: strategies and runs
 
 
-def strategy_spec(spec: SweepSpec, strategy: str, seed: int, trials: int, sampler=None) -> SweepSpec:
+def strategy_spec(spec: SweepSpec, strategy: str, seed: int, trials: int, sampler=None, scheduler=None) -> SweepSpec:
     """The recorded space as `strategy` ("random|tpe" + "fifo|asha") runs it: only the
     sampler type (random drops the TPE flags), the scheduler type, the seed and the
-    number of trials change (and no time budget). `sampler` replaces the space's TPE settings."""
-    search, scheduler = strategy.split("+")
+    number of trials change (and no time budget). `sampler` replaces the space's TPE
+    settings, `scheduler` its ASHA settings."""
+    search, stopping = strategy.split("+")
     if search == "random":
         chosen = dataclasses.replace(spec.sampler, type="random", multivariate=False, group=False,
                                      constant_liar=False)
@@ -644,7 +655,7 @@ def strategy_spec(spec: SweepSpec, strategy: str, seed: int, trials: int, sample
         chosen = sampler or spec.sampler
     return dataclasses.replace(
         spec, sampler=chosen,
-        scheduler=dataclasses.replace(spec.scheduler, type="asha" if scheduler == "asha" else "none"),
+        scheduler=dataclasses.replace(scheduler or spec.scheduler, type="asha" if stopping == "asha" else "none"),
         experiment=dataclasses.replace(spec.experiment, seed=seed, num_samples=trials, time_budget_s=None))
 
 
@@ -662,6 +673,24 @@ def sampler_variants(spec: SweepSpec) -> dict[str, Any]:
     variant = dataclasses.replace(space, constant_liar=not space.constant_liar)
     variants[_describe(variant)] = variant
     return variants
+
+
+ASHA_VARIANTS = ((1, 3), (2, 2), (2, 3), (3, 3), (4, 2), (6, 2))  # (grace period, reduction factor)
+
+
+def scheduler_variants(spec: SweepSpec) -> dict[str, Any]:
+    """Label -> ASHA settings: the space's, then ASHA_VARIANTS that fit in a trial."""
+    space = spec.scheduler
+    variants = {_describe_asha(space) + " (the space's)": space}
+    for grace, reduction in ASHA_VARIANTS:
+        variant = dataclasses.replace(space, grace_period=grace, reduction_factor=float(reduction))
+        if grace <= spec.max_epochs and variant != space:
+            variants[_describe_asha(variant)] = variant
+    return variants
+
+
+def _describe_asha(scheduler) -> str:
+    return f"grace {scheduler.grace_period}, reduction {scheduler.reduction_factor:g}"
 
 
 def _describe(sampler) -> str:
@@ -712,9 +741,9 @@ def quantile(values: list[float], q: float) -> float:
 
 
 def replay_all(recorded: Recorded, seeds: int, trials: int, variants: bool, storage_root: Path,
-               epoch_s: float = EPOCH_S) -> dict[str, list[dict]]:
-    """Runs of every strategy (and sampler variant) for seeds 0..seeds-1, the strategies'
-    order rotating each seed; -> label -> one summary per seed. Needs a running Ray."""
+               epoch_s: float = EPOCH_S, asha_variants: bool = False) -> dict[str, list[dict]]:
+    """Runs of every strategy (and sampler or ASHA variant) for seeds 0..seeds-1, the
+    strategies' order rotating each seed; -> label -> one summary per seed. Needs a running Ray."""
     spec = recorded.spec
     if spec.sampler.type != "tpe":
         raise ConfigError(f"{recorded.metadata['space_file']}: replay compares random search with the space's "
@@ -722,20 +751,24 @@ def replay_all(recorded: Recorded, seeds: int, trials: int, variants: bool, stor
     target = recorded.target()
     data = ReplayData(lookup=NearestConfig(spec.search, recorded.configs), curves=recorded.curves,
                       columns=recorded.columns, epochs=spec.max_epochs, epoch_s=epoch_s)
-    plans: dict[str, tuple[str, Any]] = {strategy: (strategy, None) for strategy in STRATEGIES}
+    plans: dict[str, tuple[str, Any, Any]] = {strategy: (strategy, None, None) for strategy in STRATEGIES}
     if variants:
         for label, sampler in list(sampler_variants(spec).items())[1:]:  # the space's own is tpe+asha
-            plans[f"tpe+asha {label}"] = ("tpe+asha", sampler)
+            plans[f"tpe+asha {label}"] = ("tpe+asha", sampler, None)
+    if asha_variants:
+        for label, scheduler in list(scheduler_variants(spec).items())[1:]:
+            plans[f"tpe+asha {label}"] = ("tpe+asha", None, scheduler)
+            plans[f"random+asha {label}"] = ("random+asha", None, scheduler)
     runs: dict[str, list[dict]] = {label: [] for label in plans}
     labels = list(plans)
     for seed in range(seeds):
         shift = seed % len(labels)
         for label in labels[shift:] + labels[:shift]:
-            strategy, sampler = plans[label]
+            strategy, sampler, scheduler = plans[label]
             started = time.monotonic()
-            name = f"{label.replace('+', '_').replace(' ', '_').replace(',', '')}-seed{seed}"
-            summary = replay_run(recorded, strategy_spec(spec, strategy, seed, trials, sampler), data, target,
-                                 storage_root, name)
+            name = f"{label.replace('+', '_').replace(' ', '_').replace(',', '').replace('.', '_')}-seed{seed}"
+            summary = replay_run(recorded, strategy_spec(spec, strategy, seed, trials, sampler, scheduler), data,
+                                 target, storage_root, name)
             runs[label].append({"seed": seed, **summary})
             print(f"seed {seed:>2} {label:<12}: {summary['epochs_to_target']} epochs to target, best at budget "
                   f"{summary['best_at_budget']:.3f}, {summary['trials']} trials / {summary['epochs']} epochs, "
@@ -821,7 +854,8 @@ def replay(args: argparse.Namespace) -> int:
           f"Ray {ray.__version__}) for all runs\n", flush=True)
     with tempfile.TemporaryDirectory(prefix="psdet-search-quality-") as tmp, replay_ray():
         started = time.monotonic()
-        runs = replay_all(recorded, seeds, trials, args.sampler_variants, Path(tmp))
+        runs = replay_all(recorded, seeds, trials, args.sampler_variants, Path(tmp),
+                          asha_variants=args.asha_variants)
         wall_s = time.monotonic() - started
     if args.runs_json:
         Path(args.runs_json).write_text(json.dumps({"target": target, "budget_epochs": budget, "runs": runs},
@@ -832,9 +866,16 @@ def replay(args: argparse.Namespace) -> int:
           f"{budget} epochs are spent; medians and quartiles over {seeds} seeds")
     medians = print_table(main_runs, budget)
     if args.sampler_variants:
+        labels = ["tpe+asha " + label for label in list(sampler_variants(spec))[1:]]
         variant_runs = {"tpe+asha " + list(sampler_variants(spec))[0]: runs["tpe+asha"],
-                        **{label: values for label, values in runs.items() if label not in STRATEGIES}}
+                        **{label: runs[label] for label in labels}}
         print(f"\ntpe+asha with other TPE settings (same seeds; the first row is tpe+asha above)")
+        print_table(variant_runs, budget, width=max(len(label) for label in variant_runs))
+    if args.asha_variants:
+        own = list(scheduler_variants(spec))[0]
+        variant_runs = {f"{search}+asha {label}": runs[f"{search}+asha"] if label == own else runs[f"{search}+asha {label}"]
+                        for label in scheduler_variants(spec) for search in ("random", "tpe")}
+        print(f"\nASHA with other rungs, random and TPE (same seeds; the space's rows are the ones above)")
         print_table(variant_runs, budget, width=max(len(label) for label in variant_runs))
     ratio = epochs_ratio(medians["random+fifo"]["epochs"], medians["tpe+asha"]["epochs"])
     print(f"\n{len(runs) * seeds} runs in {wall_s:.0f} s")
@@ -959,6 +1000,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--seeds", type=int, default=None, help="runs per strategy, seeds 0.. (default 20)")
     rep.add_argument("--trials", type=int, default=None, help="trials per run (default 48)")
     rep.add_argument("--sampler-variants", action="store_true", help="also tpe+asha with other TPE settings")
+    rep.add_argument("--asha-variants", action="store_true",
+                     help="also random+asha and tpe+asha with other ASHA grace periods and reduction factors")
     rep.add_argument("--small", action="store_true", help="CI: 2 seeds of 6 trials")
     rep.add_argument("--runs-json", metavar="PATH", help="also write every run's figures to PATH")
     liv = commands.add_parser("live", help="run the four strategies once each, really training, on the space")

@@ -140,6 +140,13 @@ def test_strategies_vary_only_sampler_scheduler_seed_and_trials():
     assert list(variants.values())[0] == spec.sampler
     assert {v.n_startup_trials for v in variants.values()} == {10, 4, 2}
     assert any(not v.multivariate for v in variants.values()) and any(not v.constant_liar for v in variants.values())
+    rungs = sq.scheduler_variants(spec)
+    assert list(rungs.values())[0] == spec.scheduler and len(set(rungs.values())) == len(rungs)
+    assert all(v.type == "asha" and v.grace_period <= spec.max_epochs for v in rungs.values())
+    wider = sq.strategy_spec(spec, "random+asha", seed=7, trials=30, scheduler=list(rungs.values())[1])
+    assert wider.scheduler == list(rungs.values())[1] and wider.sampler.type == "random"
+    assert sq.strategy_spec(spec, "tpe+fifo", seed=7, trials=30, scheduler=list(rungs.values())[1]).scheduler.type \
+        == "none"
 
 
 def test_live_strategies_change_only_sampler_scheduler_and_trials():
