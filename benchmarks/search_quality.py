@@ -218,9 +218,6 @@ class EpochRecorder:
         self.columns = columns
         self.epochs: list[dict[str, float]] = []
 
-    def latest_checkpoint(self) -> None:
-        return None
-
     def report(self, metrics: dict[str, float], checkpoint) -> None:
         self.epochs.append({"epoch": int(metrics["epoch"]), **{key: float(metrics[key]) for key in self.columns}})
 
