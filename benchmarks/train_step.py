@@ -3,7 +3,7 @@
     python benchmarks/train_step.py [--small] [--cuda-only] [--amp-device cuda|cpu]
 
 Ours = `GatDetector.loss` (psdet/models/targets.py). Reference = the same model, whose
-targets and losses are the loops of tests/reference_loops.py, written like the original.
+targets and losses are the loops of psdet/testing/reference_loops.py, written like the original.
 Both get the same synthetic batches (random marks, 2..max_points per image, entrance
 pairs between consecutive marks); nothing is read from disk.
 

@@ -3,7 +3,7 @@
 Follows the inference of gcn-parking-slot (`models/point_detector/post_process.py`,
 `directional.py`) and DMPR-PS (`data/process.py`, `inference.py`, `ps_evaluate.py`),
 without Python loops over batch, cells, candidates or pairs, on any device. Where this
-differs from the originals it says so; `tests/reference_postprocess.py` holds the
+differs from the originals it says so; `psdet/testing/reference_postprocess.py` holds the
 original algorithm as plain loops and the tests check the two agree exactly.
 """
 from __future__ import annotations
