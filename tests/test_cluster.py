@@ -1,5 +1,5 @@
 """The sweep on real Ray clusters made by cluster/local.sh, every process on 127.0.0.1 and
-token auth on (issue 4).
+token auth on.
 
 On a head node alone (`ray start --head`, dashboard on):
 - job submission: `ray job submit --working-dir . -- python orchestrate/tune.py --space
