@@ -905,23 +905,25 @@ def strategy_space(raw: dict, strategy: str, trials: int) -> dict:
 
 def live(args: argparse.Namespace) -> int:
     """The four strategies once each, really training, on the space (seed and data its own)."""
+    import pyarrow.parquet as pq
     import yaml
 
     space = Path(args.space)
     if not space.is_file():
         raise UserError(f"--space {space}: no such file")
-    load_space(space)  # one line and exit 2 on a bad space, before anything trains
-    raw = yaml.safe_load(space.read_text())
     if args.trials < 1:
         raise UserError("--trials must be >= 1")
+    metric = load_space(space).experiment.metric  # one line and exit 2 on a bad space, before anything trains
+    raw = yaml.safe_load(space.read_text())
     print(f"search quality, live: the four strategies on {space}, {args.trials} trials each, seed "
           f"{raw['experiment'].get('seed', 0)}, really training (orchestrate/tune.py, one sweep after another)",
           flush=True)
     rows = {}
     with tempfile.TemporaryDirectory(prefix="psdet-search-quality-live-") as tmp:
         for strategy in STRATEGIES:
+            variant_raw = strategy_space(raw, strategy, args.trials)
             variant = Path(tmp) / f"{strategy.replace('+', '_')}.yaml"
-            variant.write_text(yaml.safe_dump(strategy_space(raw, strategy, args.trials), sort_keys=False))
+            variant.write_text(yaml.safe_dump(variant_raw, sort_keys=False))
             started = time.monotonic()
             command = [sys.executable, str(ROOT / "orchestrate" / "tune.py"), "--space", str(variant),
                        "--storage", str(Path(tmp) / "runs")]
@@ -929,11 +931,8 @@ def live(args: argparse.Namespace) -> int:
                                   check=False)
             if done.returncode != 0:
                 raise RuntimeError(f"live {strategy}: {' '.join(command)} exited {done.returncode}")
-            import pyarrow.parquet as pq
-
-            name = strategy_space(raw, strategy, args.trials)["experiment"]["name"]
+            name = variant_raw["experiment"]["name"]
             trials = pq.read_table(Path(tmp) / "runs" / name / "results.parquet").to_pylist()
-            metric = raw["experiment"]["metric"]
             finals = [row[f"final_{metric}"] for row in trials if row["status"] == "completed"]
             rows[strategy] = {"epochs": sum(row["epochs"] for row in trials), "trials": len(trials),
                               "pruned": sum(row["status"] == "pruned" for row in trials),
@@ -941,7 +940,7 @@ def live(args: argparse.Namespace) -> int:
             print(f"live {strategy}: best {metric} {rows[strategy]['best']:.3f}, {rows[strategy]['epochs']} epochs, "
                   f"{rows[strategy]['wall_s']:.0f} s", file=sys.stderr, flush=True)
     table = Table(Column("strategy", "<12"), Column("trials", "6d"), Column("pruned", "6d"),
-                  Column("epochs", "6d"), Column(f"best {raw['experiment']['metric']}", "12.3f"),
+                  Column("epochs", "6d"), Column(f"best {metric}", "12.3f"),
                   Column("wall s", "7.0f"))
     table.print_header()
     for strategy, row in rows.items():
