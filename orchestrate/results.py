@@ -30,10 +30,10 @@ from orchestrate import storage
 from orchestrate.ray_reporter import WORKER_RESTARTS
 from orchestrate.search import strip_baseline
 from orchestrate.space import SweepSpec, trial_config
+from orchestrate.sweep_file import LEDGER, read_ledger
 from psdet.config import dump_yaml
 from psdet.reporting import ENGINE_SECONDS, REPORTED, TOTAL_EPOCHS
 
-LEDGER = "trials.json"
 RESULTS = "results.parquet"
 BEST_CONFIG = "best_config.yaml"
 BEST_CHECKPOINT = "best_checkpoint.txt"
@@ -163,11 +163,6 @@ class TrialLedger(tune.Callback):
     def _save(self) -> None:
         storage.write_bytes(storage.join(self.experiment_uri, LEDGER),
                             json.dumps(self.records, indent=1, sort_keys=True).encode())
-
-
-def read_ledger(experiment_uri: str) -> dict[str, dict[str, Any]]:
-    uri = storage.join(experiment_uri, LEDGER)
-    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else {}
 
 
 def _fmt(value: Any) -> str:

@@ -129,6 +129,7 @@ def _as_started(saved: dict | None, args: argparse.Namespace, spec: SweepSpec, e
     if saved["space_text"] != space_text:
         raise ConfigError(f"{args.space}: differs from the space the sweep at {experiment} started with "
                           f"(kept in {storage.join(experiment, sweep_file.SWEEP_FILE)}); resume with that space")
+    sweep_file.check_journal(saved["optuna_storage"], spec.name, len(sweep_file.read_ledger(experiment)))
     if args.num_samples is not None or args.max_concurrent is not None or args.optuna_storage:
         raise UserError("--resume continues the sweep as it started: drop --num-samples, --max-concurrent "
                         "and --optuna-storage")

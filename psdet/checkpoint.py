@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import logging
 import os
 import random
@@ -28,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from psdet import userfiles
 from psdet.errors import CheckpointError
 
 STATE_FILE = "state.pt"
@@ -149,12 +151,14 @@ def read_meta(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint '{path}' does not exist or is not a directory")
     meta_path = path / META_FILE
+    if not meta_path.exists():
+        raise CheckpointError(f"checkpoint '{path}' is incomplete: no {META_FILE}")
     try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint '{path}' is incomplete: no {META_FILE}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"checkpoint '{path}' is corrupt: unreadable {META_FILE}") from None
+        meta = userfiles.read_json(meta_path, "checkpoint's meta.json", CheckpointError)
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint '{path}' is corrupt: {exc}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint '{path}' is corrupt: {meta_path} is not a JSON object")
     state_path = path / STATE_FILE
     if not state_path.is_file():
         raise CheckpointError(f"checkpoint '{path}' is incomplete: no {STATE_FILE}")
@@ -163,7 +167,11 @@ def read_meta(path: Path) -> dict[str, Any]:
             f"checkpoint '{path}' is corrupt: {STATE_FILE} has {state_path.stat().st_size} bytes, "
             f"expected {meta.get('state_bytes')} (truncated?)"
         )
-    if _sha256(state_path) != meta.get("state_sha256"):
+    try:
+        digest = _sha256(state_path)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint '{path}': cannot read {STATE_FILE}: {exc.strerror or exc}") from None
+    if digest != meta.get("state_sha256"):
         raise CheckpointError(f"checkpoint '{path}' is corrupt: {STATE_FILE} checksum mismatch")
     return meta
 
@@ -173,9 +181,19 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     meta = read_meta(path)
     try:
         state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc):  # torch refused a global: the pickle would build an object or call code
+            raise CheckpointError(f"checkpoint '{path}' cannot be loaded: {STATE_FILE} holds more than tensors and "
+                                  "plain data, and is refused unrun (checkpoints load with weights_only=True)") from None
+        raise CheckpointError(f"checkpoint '{path}' cannot be loaded: {_first_line(exc)}") from None
     except Exception as exc:  # unpickling errors come in many types
-        raise CheckpointError(f"checkpoint '{path}' cannot be loaded: {exc}") from None
+        raise CheckpointError(f"checkpoint '{path}' cannot be loaded: {_first_line(exc)}") from None
     return state, meta
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def resolve_checkpoint(path: Path) -> Path:

@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from psdet import userfiles
 from psdet.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -164,20 +165,15 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 
 
 def read_yaml(path: Path, what: str = "") -> Any:
-    """The parsed YAML of `path`; a one-line ConfigError naming the file if it cannot be
-    read or parsed (`what` names the kind of file in the read error)."""
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read{' ' + what if what else ''}: {exc.strerror}") from None
+    """The parsed YAML of `path` (safe loader); a one-line ConfigError naming the file if it
+    cannot be read or parsed (`what` names the kind of file, default a config file)."""
+    return userfiles.read_yaml(path, what or "config file", ConfigError)
 
 
 def _read_yaml(path: Path) -> dict:
     loaded = read_yaml(path)
     if loaded is None:
-        return {}
+        raise ConfigError(f"{path}: empty config file (a config is a YAML mapping, e.g. `_base_: ps_gat_tiny.yaml`)")
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
     return loaded

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from psdet import userfiles
 from psdet.errors import DataError
 
 LABEL_DIR = "ps_json_label"
@@ -108,13 +109,7 @@ def list_samples(root: str | Path, split: str) -> list[SampleFiles]:
 def read_label(path: str | Path, max_points: int | None = None) -> ParkingLabel:
     """Read and validate one json label; DataError naming the file on any problem."""
     path = Path(path)
-    try:
-        tree = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read label: {getattr(exc, 'strerror', None) or exc}") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: unreadable JSON label: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    return parse_label(tree, path, max_points)
+    return parse_label(userfiles.read_json(path, "label", DataError), path, max_points)
 
 
 def parse_label(tree: Any, source: str | Path, max_points: int | None = None) -> ParkingLabel:
