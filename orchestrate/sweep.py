@@ -39,7 +39,8 @@ class SweepPlan:
 
 
 def run(plan: SweepPlan) -> dict[str, Any]:
-    """Run the sweep (or the rest of it) to the end; returns `write_results`' summary."""
+    """Run the sweep (or the rest of it) to the end; returns `write_results`' summary, with
+    this driver's `session` (wall_s, engine_s, slots) added."""
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # experiment state at most 5 s old for --resume
     spec = plan.spec
     print(connection.connect(plan.address))
@@ -71,7 +72,7 @@ def run(plan: SweepPlan) -> dict[str, Any]:
         wall_s = time.monotonic() - fit_started
         records = read_ledger(plan.experiment)
         session = {"wall_s": wall_s, "engine_s": engine_seconds(records) - engine_before, "slots": concurrency}
-        return write_results(spec, plan.experiment, plan.data_root, records, session)
+        return {**write_results(spec, plan.experiment, plan.data_root, records, session), "session": session}
     finally:
         ray.shutdown()
 
