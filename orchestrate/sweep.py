@@ -18,6 +18,7 @@ from orchestrate import connection, placement, sweep_file, trial
 from orchestrate.results import TrialLedger, engine_seconds, read_ledger, write_results
 from orchestrate.search import JournalMirror, optuna_storage
 from orchestrate.space import SweepSpec, SyntheticData
+from orchestrate.status import StatusBlock
 from orchestrate.tuner import build_tuner
 from psdet.errors import UserError
 
@@ -80,7 +81,9 @@ def run(plan: SweepPlan) -> dict[str, Any]:
 def _new_tuner(plan: SweepPlan, trainable: Any, concurrency: int, mirror: tuple[str, str] | None) -> tune.Tuner:
     e = plan.spec.experiment
     ledger = TrialLedger(plan.experiment, e.metric, e.mode, in_process=plan.spec.resources.workers == 1)
-    callbacks = [ledger, *([JournalMirror(*mirror)] if mirror else [])]
+    status = StatusBlock(ledger, name=plan.name, metric=e.metric, mode=e.mode, num_samples=e.num_samples,
+                         max_epochs=plan.spec.max_epochs)  # drawn on a terminal only
+    callbacks = [status.erase, ledger, *([JournalMirror(*mirror)] if mirror else []), status]
     return build_tuner(plan.spec, trainable, name=plan.name, storage_root=plan.storage_root,
                        study_storage=optuna_storage(plan.study_url), concurrency=concurrency, callbacks=callbacks,
                        trial_dirname=trial.trial_dirname)
