@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import optuna
 import plotly.graph_objects as go
@@ -471,7 +472,7 @@ def prediction_section(records: SweepRecords) -> Section:
     if not images:
         return Section(title, f"Not drawn: no validation images at {data_root / split} on this machine.")
     with tempfile.TemporaryDirectory() as tmp:
-        local = _local_checkpoint(checkpoint, Path(tmp, "checkpoint"))
+        local = _local_checkpoint(checkpoint, records.experiment, Path(tmp, "checkpoint"))
         drawn = Path(tmp, "predicted.png")
         command = [sys.executable, "-m", "psdet", "predict", "--ckpt", str(local), "--draw", str(drawn),
                    *map(str, images)]
@@ -497,9 +498,15 @@ def prediction_section(records: SweepRecords) -> Section:
                           "entrances green with their scores) beside the labelled truth.", body=body)
 
 
-def _local_checkpoint(checkpoint: str, scratch: Path) -> Path:
+def _local_checkpoint(checkpoint: str, experiment: str, scratch: Path) -> Path:
+    """The checkpoint on this machine: itself when local, else a copy in `scratch`. A
+    remote path as Ray reports it has no query: it is the experiment's storage, so it
+    takes the experiment URI's query (an endpoint, say)."""
     if not storage.is_remote(checkpoint):
         return Path(checkpoint)
+    ours, theirs = urlsplit(checkpoint), urlsplit(experiment)
+    if not ours.query and ours.scheme == theirs.scheme:
+        checkpoint = urlunsplit(ours._replace(query=theirs.query))
     fs, path = storage.filesystem(checkpoint)
     scratch.mkdir(parents=True)
     pyarrow.fs.copy_files(path, str(scratch), source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from browser_helpers import load_page
-from cluster_helpers import TUNE
+from cluster_helpers import TUNE, S3Server
 from conftest import REPO
 from orchestrate.ray_env import free_port
 
@@ -96,6 +96,48 @@ def test_report_command_on_a_sweep_without_results_yet(sweep, tmp_path):
     assert wrong.stderr.strip().splitlines() == [
         f"tune.py: error: report: no sweep at {tmp_path / 'runs' / 'nope'} (no sweep.json there): "
         "check --storage and --name"]
+
+
+REPORT_READS = ("sweep.json", "trials.json", "results.parquet", "optuna.journal", "best_checkpoint.txt")
+
+
+@pytest.mark.timeout(300)
+def test_report_command_on_s3_storage(sweep):
+    """The sweep's records in a bucket (moto on 127.0.0.1) as a sweep on s3:// leaves them:
+    the report reads them there, fetches the best checkpoint from there and writes there."""
+    import pyarrow.fs
+
+    s3 = S3Server()
+    try:
+        storage_uri = s3.uri("sweeps")
+        fs = s3.filesystem()
+        prefix = f"{s3.bucket}/sweeps/views"
+        best = Path((sweep.experiment / "best_checkpoint.txt").read_text().strip())
+        relative_best = best.relative_to(sweep.experiment).as_posix()
+        saved = json.loads((sweep.experiment / "sweep.json").read_text())
+        saved["experiment"] = storage_uri.replace("/sweeps?", "/sweeps/views?")
+        uploads = {name: (sweep.experiment / name).read_bytes() for name in REPORT_READS}
+        uploads["sweep.json"] = json.dumps(saved).encode()
+        uploads["best_checkpoint.txt"] = f"s3://{prefix}/{relative_best}\n".encode()  # as Ray reports it: no query
+        for row in sweep.rows:
+            uploads[f"trial_{row['trial_id']}/result.json"] = (
+                sweep.experiment / f"trial_{row['trial_id']}" / "result.json").read_bytes()
+        for name, data in uploads.items():
+            fs.create_dir(f"{prefix}/{Path(name).parent.as_posix()}".rstrip("/."), recursive=True)
+            with fs.open_output_stream(f"{prefix}/{name}") as stream:
+                stream.write(data)
+        pyarrow.fs.copy_files(str(best), f"{prefix}/{relative_best}", destination_filesystem=fs)
+
+        env = {**sweep.env, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        done = run_tune(["report", "--storage", storage_uri, "--name", "views"], env, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        html = s3.read("sweeps/views/report.html").decode()
+    finally:
+        s3.stop()
+    assert f"s3://{prefix}/{relative_best}" in html
+    assert html.count("<figure><img") == 2 * 3  # the checkpoint fetched from the bucket predicted
+    assert html.count('class="plotly-graph-div"') >= 5 and "leaderboard from results.parquet" in html
 
 
 def _get(url: str) -> dict:
