@@ -4,7 +4,8 @@ trials, run with `--report`), then
   screenshot kept (in $PSDET_TEST_ARTIFACTS, default out/test-artifacts/);
 - `tune.py report` on the same sweep seen as interrupted (no results.parquet yet);
 - optuna-dashboard on its optuna.journal, through its HTTP API;
-- every trial's TensorBoard event files through TensorBoard's own reader.
+- every trial's TensorBoard event files through TensorBoard's own reader: the engine's
+  scalars, and Tune's run of the trial with its parameters as HParams.
 """
 from __future__ import annotations
 
@@ -196,6 +197,7 @@ VAL_TAGS = tuple(f"val/{kind}_{m}" for kind in ("point", "slot") for m in ("prec
 @pytest.mark.timeout(300)
 def test_tensorboard_reads_every_trials_scalars(sweep):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
 
     space = yaml.safe_load(SMOKE.read_text())
     steps_per_epoch = 16 // space["experiment"]["overrides"]["data.batch_size"]  # 16 synthetic training images
@@ -213,3 +215,18 @@ def test_tensorboard_reads_every_trials_scalars(sweep):
         for tag in TRAIN_TAGS[:-1]:
             assert [s.step for s in events.Scalars(tag)] == logged, tag
         assert events.Scalars("val/point_ap")[-1].value == pytest.approx(row["final_point_ap"], rel=1e-6)
+
+        # Tune's own run of the trial, `trial_<id>`: its parameters in the HParams tab.
+        tune_run = EventAccumulator(str(sweep.experiment / f"trial_{row['trial_id']}"))
+        tune_run.Reload()
+        start = plugin_data_pb2.HParamsPluginData.FromString(
+            tune_run.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+        hparams = {key: value.number_value if value.HasField("number_value") else value.string_value
+                   for key, value in start.hparams.items()}
+        searched = {key: row[key] for key in ("optim.lr", "optim.warmup", "optim.warmup_epochs")
+                    if row.get(key) is not None}
+        assert ("baseline" in hparams) == row["baseline"]  # the searcher's flag rides in the baseline's config
+        hparams.pop("baseline", None)
+        assert hparams.keys() == searched.keys(), (hparams, searched)
+        for key, value in searched.items():
+            assert hparams[key] == (pytest.approx(value) if isinstance(value, float) else value), key
