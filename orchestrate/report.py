@@ -47,7 +47,7 @@ from orchestrate.data import LABEL_DIR
 from orchestrate.results import BEST_CHECKPOINT, RESULTS, read_ledger, rows as ledger_rows, sweep_summary
 from orchestrate.search import TUNE_TRIAL_ID, optuna_storage
 from orchestrate.space import SweepSpec, load_space, trial_config
-from psdet.errors import UserError
+from psdet.errors import DataError, UserError
 from psdet.optim import base_momentum, lr_curve, momentum_curve
 
 REPORT = "report.html"
@@ -57,6 +57,8 @@ TOP_SCHEDULES = 5
 PREDICTION_IMAGES = 3
 MIN_TRIALS_FOR_IMPORTANCE = 2
 PRUNED_DASH = "dot"
+ERRORED_DASH = "dashdot"
+PREDICT_TIMEOUT_S = 600
 
 
 @dataclass
@@ -309,19 +311,24 @@ def learning_curve_section(records: SweepRecords) -> Section:
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     for trace in figure.data:
         number = int(str(trace.name).removeprefix("Trial"))
-        pruned = states[number] == TrialState.PRUNED
-        trace.name = f"{ids[number]}{' (pruned)' if pruned else ''}"
-        trace.line = {"dash": PRUNED_DASH if pruned else "solid"}
+        how = {TrialState.PRUNED: " (pruned)", TrialState.FAIL: " (errored)",
+               TrialState.RUNNING: " (running)"}.get(states[number], "")
+        trace.name = f"{ids[number]}{how}"
+        trace.line = {"dash": {" (pruned)": PRUNED_DASH, " (errored)": ERRORED_DASH}.get(how, "solid")}
         trace.showlegend = True
     _mark_rungs(figure, records.spec)
     figure.update_layout(xaxis_title="epoch", yaxis_title=records.metric, showlegend=True)
     return Section(title, "Optuna's plot_intermediate_values: the value each trial reported per epoch, which ASHA "
-                          f"compared. Pruned trials are dotted; {_rung_text(records.spec)}", figure)
+                          f"compared. {_styles_text(records.spec)}", figure)
 
 
 def _mark_rungs(figure: go.Figure, spec: SweepSpec, **where: Any) -> None:
     for rung in asha_rungs(spec):
         figure.add_vline(x=rung, line_dash="dash", line_color="grey", annotation_text=f"ASHA rung {rung}", **where)
+
+
+def _styles_text(spec: SweepSpec) -> str:
+    return f"Pruned trials are dotted, errored ones dash-dotted; {_rung_text(spec)}"
 
 
 def _rung_text(spec: SweepSpec) -> str:
@@ -339,17 +346,18 @@ def slot_ap_section(records: SweepRecords) -> Section:
         reports = [r for r in records.epochs.get(row["trial_id"], []) if isinstance(r.get(SLOT_AP), (int, float))]
         if not reports:
             continue
-        pruned = row["status"] == "pruned"
+        status = row["status"]
+        how = f" ({status})" if status in ("pruned", "errored", "running") else ""
         figure.add_trace(go.Scatter(
             x=[r["epoch"] for r in reports], y=[r[SLOT_AP] for r in reports], mode="lines+markers",
-            name=f"{row['trial_id']}{' (pruned)' if pruned else ''}{' (baseline)' if row.get('baseline') else ''}",
-            line={"dash": PRUNED_DASH if pruned else "solid"}, hovertext=trial_label(row, records.spec)))
+            name=f"{row['trial_id']}{how}{' (baseline)' if row.get('baseline') else ''}",
+            line={"dash": {"pruned": PRUNED_DASH, "errored": ERRORED_DASH}.get(status, "solid")},
+            hovertext=trial_label(row, records.spec)))
     if not figure.data:
         return Section(title, "No trial has reported an epoch yet.")
     _mark_rungs(figure, records.spec)
     figure.update_layout(xaxis_title="epoch", yaxis_title=SLOT_AP)
-    return Section(title, f"From each trial's {TUNE_RESULT}. Pruned trials are dotted; {_rung_text(records.spec)}",
-                   figure)
+    return Section(title, f"From each trial's {TUNE_RESULT}. {_styles_text(records.spec)}", figure)
 
 
 def parallel_section(records: SweepRecords) -> Section:
@@ -476,7 +484,8 @@ def prediction_section(records: SweepRecords) -> Section:
         drawn = Path(tmp, "predicted.png")
         command = [sys.executable, "-m", "psdet", "predict", "--ckpt", str(local), "--draw", str(drawn),
                    *map(str, images)]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                              timeout=PREDICT_TIMEOUT_S)
         if done.returncode != 0:
             return Section(title, f"Not drawn: psdet predict failed: {_last_line(done.stderr)}")
         outputs = json.loads(done.stdout)
@@ -485,10 +494,14 @@ def prediction_section(records: SweepRecords) -> Section:
         for index, (image, output) in enumerate(zip(images, outputs)):
             predicted = drawn if len(images) == 1 else drawn.with_name(f"{drawn.stem}-{index}{drawn.suffix}")
             truth = Path(tmp, f"truth-{index}.png")
-            _draw_truth(image, data_root / LABEL_DIR / split / f"{image.stem}.json", truth)
+            try:
+                _draw_truth(image, data_root / LABEL_DIR / split / f"{image.stem}.json", truth)
+                truth_cell = (f"<figure><img alt='ground truth {html.escape(image.name)}' src='{_data_uri(truth)}'>"
+                              f"<figcaption>{html.escape(image.name)}: ground truth</figcaption></figure>")
+            except DataError as exc:  # a missing or malformed label: say so where the truth would be
+                truth_cell = f"<figure><figcaption>{html.escape(str(exc))}</figcaption></figure>"
             cells.append(
-                f"<figure><img alt='ground truth {html.escape(image.name)}' src='{_data_uri(truth)}'>"
-                f"<figcaption>{html.escape(image.name)}: ground truth</figcaption></figure>"
+                truth_cell +
                 f"<figure><img alt='prediction {html.escape(image.name)}' src='{_data_uri(predicted)}'>"
                 f"<figcaption>predicted: {len(output['points'])} marks, {len(output['slots'])} slots "
                 f"(score &ge; 0.5)</figcaption></figure>")

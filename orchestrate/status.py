@@ -60,7 +60,8 @@ def render_status(records: dict[str, dict[str, Any]], *, name: str, metric: str,
     budget = num_samples * max_epochs
     lines.append(f"  epochs   {spent} spent of at most {budget} (trials x epochs)")
     # Still possible: what running and unstarted trials may yet run (ASHA may stop them sooner).
-    possible = sum((r["total_epochs"] or max_epochs) - r["epochs"] for r in live if r["status"] in ("running", "pending"))
+    possible = sum((r["total_epochs"] or max_epochs) - r["epochs"] for r in live
+                   if r["status"] in ("running", "pending"))
     possible += max(num_samples - len(live), 0) * max_epochs
     paced = spent - epochs_before
     if possible == 0:

@@ -67,7 +67,8 @@ def make_experiment(root: Path, completed_others: int = 1) -> Path:
         ledger[tid] = record(tid, "completed", params, 3, 0.5 + index / 10)
     trials.append(frozen(len(trials), "prun0001", TrialState.PRUNED, {"optim.lr": 0.006, "optim.warmup": "none"},
                          {1: 0.05}, 100, 110))
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(experiment / "optuna.journal")))
+    backend = optuna.storages.journal.JournalFileBackend(str(experiment / "optuna.journal"))
+    storage = optuna.storages.JournalStorage(backend)
     study = optuna.create_study(study_name="smoke", storage=storage, direction="maximize")
     study.add_trials(trials)
     (experiment / "trials.json").write_text(json.dumps(ledger))
