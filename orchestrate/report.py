@@ -44,7 +44,7 @@ from plotly.subplots import make_subplots
 
 from orchestrate import storage, sweep_file
 from orchestrate.data import LABEL_DIR
-from orchestrate.results import BEST_CHECKPOINT, RESULTS, read_ledger, rows as ledger_rows, sweep_summary
+from orchestrate.results import BEST_CHECKPOINT, LEDGER, RESULTS, read_ledger, rows as ledger_rows, sweep_summary
 from orchestrate.search import TUNE_TRIAL_ID, optuna_storage
 from orchestrate.space import SweepSpec, load_space, trial_config
 from psdet.errors import DataError, UserError
@@ -113,17 +113,17 @@ def _spec_of(saved: dict[str, Any]) -> SweepSpec:
 
 
 def _leaderboard_rows(experiment: str, spec: SweepSpec) -> tuple[list[dict[str, Any]], str]:
-    """results.parquet when it holds every trial of the ledger; else (an interrupted or
-    running sweep) the same rows made from trials.json."""
+    """results.parquet when the sweep's last driver wrote it after its last ledger update;
+    else (a sweep interrupted, or resumed and running) the same rows made from trials.json."""
     ledger = read_ledger(experiment)
-    live = {tid for tid, record in ledger.items() if record["status"] != "abandoned"}
-    parquet_uri = storage.join(experiment, RESULTS)
-    if storage.exists(parquet_uri):
-        fs, path = storage.filesystem(parquet_uri)
-        table = pq.read_table(path, filesystem=fs).to_pylist()
-        if {row["trial_id"] for row in table} >= live:
-            return table, RESULTS
-    return ledger_rows(ledger, spec.experiment.metric, spec.experiment.mode), "trials.json"
+    parquet_uri, ledger_uri = storage.join(experiment, RESULTS), storage.join(experiment, LEDGER)
+    fs, parquet_path = storage.filesystem(parquet_uri)
+    parquet_info = fs.get_file_info(parquet_path)
+    if parquet_info.type == pyarrow.fs.FileType.File:
+        ledger_info = fs.get_file_info(storage.filesystem(ledger_uri)[1])
+        if ledger_info.type != pyarrow.fs.FileType.File or parquet_info.mtime >= ledger_info.mtime:
+            return pq.read_table(parquet_path, filesystem=fs).to_pylist(), RESULTS
+    return ledger_rows(ledger, spec.experiment.metric, spec.experiment.mode), LEDGER
 
 
 def trial_reports(experiment: str, trial_id: str) -> list[dict[str, Any]]:

@@ -90,6 +90,25 @@ def test_records_come_from_the_ledger_when_the_sweep_left_no_parquet(tmp_path):
     assert [r["epoch"] for r in records.epochs["base0001"]] == [1, 2, 3]
 
 
+def test_results_parquet_is_read_unless_the_ledger_is_newer(tmp_path):
+    import os
+
+    import pyarrow.parquet as pq
+
+    from orchestrate.results import read_ledger, rows, to_table
+
+    experiment = make_experiment(tmp_path)
+    table = rows(read_ledger(str(experiment)), "point_ap", "max")
+    table[0]["final_slot_ap"] = 0.123  # tells the parquet's rows from the ledger's
+    pq.write_table(to_table(table), experiment / "results.parquet")
+    os.utime(experiment / "trials.json", (1_000_000, 1_000_000))
+    records = report.load_records(str(experiment))
+    assert records.rows_source == "results.parquet" and records.rows[0]["final_slot_ap"] == 0.123
+    os.utime(experiment / "trials.json")  # a resumed driver updated the ledger since
+    records = report.load_records(str(experiment))
+    assert records.rows_source == "trials.json" and records.rows[0]["final_slot_ap"] != 0.123
+
+
 def test_a_resumed_trials_repeated_epoch_keeps_its_latest_report(tmp_path):
     experiment = make_experiment(tmp_path)
     path = experiment / "trial_base0001" / "result.json"
