@@ -308,12 +308,12 @@ def learning_curve_section(records: SweepRecords) -> Section:
         return Section(title, "No trial has reported an epoch yet.")
     figure = optuna.visualization.plot_intermediate_values(study)
     ids = _tune_ids(study)
-    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     for trace in figure.data:
         number = int(str(trace.name).removeprefix("Trial"))
         how = {TrialState.PRUNED: " (pruned)", TrialState.FAIL: " (errored)",
-               TrialState.RUNNING: " (running)"}.get(states[number], "")
-        trace.name = f"{ids[number]}{how}"
+               TrialState.RUNNING: " (running)"}.get(trials[number].state, "")
+        trace.name = f"{ids[number]}{how}{' (baseline)' if trials[number].user_attrs.get('baseline') else ''}"
         trace.line = {"dash": {" (pruned)": PRUNED_DASH, " (errored)": ERRORED_DASH}.get(how, "solid")}
         trace.showlegend = True
     _mark_rungs(figure, records.spec)

@@ -155,6 +155,7 @@ def test_learning_curves_draw_pruned_trials_dotted_and_mark_the_rungs(tmp_path):
     records = report.load_records(str(make_experiment(tmp_path)))
     for section in (report.learning_curve_section(records), report.slot_ap_section(records)):
         dashes = {trace.name: trace.line.dash for trace in section.figure.data}
+        assert set(dashes) == {"base0001 (baseline)", "good0000", "prun0001 (pruned)"}
         assert dashes["prun0001 (pruned)"] == "dot", dashes
         assert {d for name, d in dashes.items() if "pruned" not in name} == {"solid"}, dashes
         rungs = sorted(shape.x0 for shape in section.figure.layout.shapes)
