@@ -18,6 +18,7 @@ from orchestrate import connection, placement, sweep_file, trial
 from orchestrate.results import TrialLedger, engine_seconds, read_ledger, write_results
 from orchestrate.search import JournalMirror, optuna_storage
 from orchestrate.space import SweepSpec, SyntheticData
+from orchestrate.status import StatusBlock
 from orchestrate.tuner import build_tuner
 from psdet.errors import UserError
 
@@ -39,7 +40,8 @@ class SweepPlan:
 
 
 def run(plan: SweepPlan) -> dict[str, Any]:
-    """Run the sweep (or the rest of it) to the end; returns `write_results`' summary."""
+    """Run the sweep (or the rest of it) to the end; returns `write_results`' summary, with
+    this driver's `session` (wall_s, engine_s, slots) added."""
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # experiment state at most 5 s old for --resume
     spec = plan.spec
     print(connection.connect(plan.address))
@@ -71,7 +73,7 @@ def run(plan: SweepPlan) -> dict[str, Any]:
         wall_s = time.monotonic() - fit_started
         records = read_ledger(plan.experiment)
         session = {"wall_s": wall_s, "engine_s": engine_seconds(records) - engine_before, "slots": concurrency}
-        return write_results(spec, plan.experiment, plan.data_root, records, session)
+        return {**write_results(spec, plan.experiment, plan.data_root, records, session), "session": session}
     finally:
         ray.shutdown()
 
@@ -79,7 +81,9 @@ def run(plan: SweepPlan) -> dict[str, Any]:
 def _new_tuner(plan: SweepPlan, trainable: Any, concurrency: int, mirror: tuple[str, str] | None) -> tune.Tuner:
     e = plan.spec.experiment
     ledger = TrialLedger(plan.experiment, e.metric, e.mode, in_process=plan.spec.resources.workers == 1)
-    callbacks = [ledger, *([JournalMirror(*mirror)] if mirror else [])]
+    status = StatusBlock(ledger, name=plan.name, metric=e.metric, mode=e.mode, num_samples=e.num_samples,
+                         max_epochs=plan.spec.max_epochs)  # drawn on a terminal only
+    callbacks = [status.erase, ledger, *([JournalMirror(*mirror)] if mirror else []), status]
     return build_tuner(plan.spec, trainable, name=plan.name, storage_root=plan.storage_root,
                        study_storage=optuna_storage(plan.study_url), concurrency=concurrency, callbacks=callbacks,
                        trial_dirname=trial.trial_dirname)

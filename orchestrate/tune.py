@@ -3,6 +3,8 @@
     python orchestrate/tune.py --space search_spaces/lr.yaml             # local Ray, synthetic data
     python orchestrate/tune.py --space search_spaces/lr.yaml --dry-run --plot lr.png
     python orchestrate/tune.py --space search_spaces/lr.yaml --resume    # after a crash
+    python orchestrate/tune.py --space search_spaces/lr.yaml --report    # and write report.html at the end
+    python orchestrate/tune.py report --storage runs --name lr           # report.html of any sweep, finished or not
     python orchestrate/tune.py --space search_spaces/full.yaml --address HOST:6379 \\
         --storage s3://bucket/sweeps --data /data/ps2.0
 
@@ -39,7 +41,8 @@ EXIT_USER_ERROR = 2
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tune.py", description=__doc__.splitlines()[0],
-        epilog="Search-space files are described in search_spaces/README.md.")
+        epilog="Search-space files are described in search_spaces/README.md. "
+               "`tune.py report --storage S --name N` writes report.html of a sweep.")
     parser.add_argument("--space", required=True, help="search-space YAML (e.g. search_spaces/lr.yaml)")
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
     parser.add_argument("--storage", default="runs",
@@ -55,16 +58,40 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: optuna.journal in the experiment directory)")
     parser.add_argument("--num-samples", type=int, help="override experiment.num_samples")
     parser.add_argument("--max-concurrent", type=int, help="override experiment.max_concurrent")
+    parser.add_argument("--report", action="store_true",
+                        help="when the sweep ends, write report.html into the experiment directory")
+    return parser
+
+
+def build_report_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tune.py report", description="write report.html of a sweep (finished or interrupted) into its "
+                                           "experiment directory, --storage/--name")
+    parser.add_argument("--storage", default="runs", help="the sweep's --storage: local path or pyarrow URI "
+                                                          "(default: ./runs)")
+    parser.add_argument("--name", required=True, help="the sweep's experiment name")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    is_report = argv[:1] == ["report"]
+    args = build_report_parser().parse_args(argv[1:]) if is_report else build_parser().parse_args(argv)
     try:
-        return run(args)
+        return run_report(args) if is_report else run(args)
     except UserError as exc:
         print(f"tune.py: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def run_report(args: argparse.Namespace, session: dict[str, float] | None = None) -> int:
+    """`tune.py report` (and `--report` at the end of a sweep): write report.html."""
+    experiment = storage.join(storage.normalize(args.storage), args.name)
+    ray_env.prepare(None)  # orchestrate.report imports Ray; it starts none
+    from orchestrate import report
+
+    print(f"report           {report.write_report(experiment, session)}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     experiment = storage.join(storage_root, name)
     if args.plot and not args.dry_run:
         raise UserError("--plot goes with --dry-run")
+    if args.report and args.dry_run:
+        raise UserError("--report goes without --dry-run: a dry run leaves nothing to report on")
 
     address = ray_env.address(args.address)
     ray_env.prepare(address)
@@ -101,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
     if unfinished or len(summary["rows"]) < spec.experiment.num_samples:
         print(f"the sweep stopped early; continue it with: python orchestrate/tune.py --space {args.space} "
               f"--storage {args.storage} --name {name} --resume")
+    if args.report:
+        run_report(argparse.Namespace(storage=storage_root, name=name), summary["session"])
     return 0 if summary["best"] is not None else 1
 
 

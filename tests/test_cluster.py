@@ -3,8 +3,10 @@ token auth on.
 
 On a head node alone (`ray start --head`, dashboard on):
 - job submission: `ray job submit --working-dir . -- python orchestrate/tune.py --space
-  search_spaces/smoke.yaml ...` reaches SUCCEEDED, the dashboard's HTTP API lists it (and
-  turns away a request without the token, or with a wrong one), and its results are on disk;
+  search_spaces/smoke.yaml ...` reaches SUCCEEDED; while it runs the dashboard's HTTP API
+  shows the job, its trial actors and a trial's Train run with its two workers, and after
+  it every trial's Train run (the API turns away a request without the token, or with a
+  wrong one); its results are on disk;
 - S3: the smoke sweep with `--storage s3://...?endpoint_override=...` (moto, server mode)
   writes checkpoints, results.parquet and best_config.yaml there; its driver is SIGKILLed
   after the first trial finishes, its local Optuna journal deleted (a new head has none),
@@ -65,6 +67,16 @@ def smoke_rows_ok(rows: list[dict], num_samples: int = 3) -> None:
         == num_samples  # no parameter set twice
 
 
+def _train_runs(head) -> list[dict]:
+    """The dashboard's Train V2 runs (its Train page); none before the first trainer made
+    the Train state actor (HTTP 500 saying so)."""
+    status, body = head.http("/api/train/v2/runs/v1")
+    if status == 500 and b"Train state data is not available" in body:
+        return []
+    assert status == 200, f"GET /api/train/v2/runs/v1: HTTP {status}: {body[:300]!r}"
+    return json.loads(body)["train_runs"]
+
+
 # ----------------------------------------------------------------------------- one head node
 
 
@@ -90,13 +102,40 @@ class TestHeadNode:
         submission_id = f"psdet-smoke-{uuid.uuid4().hex[:8]}"
         submit = subprocess.run(
             [str(VENV_BIN / "ray"), "job", "submit", "--address", head.dashboard, "--submission-id", submission_id,
-             "--working-dir", ".", "--no-wait", "--",
+             "--working-dir", ".", "--no-wait",
+             # Ray 2.60 keeps Train runs for the dashboard's Train page only with state tracking on.
+             "--runtime-env-json", json.dumps({"env_vars": {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}}), "--",
              "python", "orchestrate/tune.py", "--space", "search_spaces/smoke.yaml", "--num-samples", "2",
              "--storage", str(storage), "--name", "smoke-job"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert submit.returncode == 0, submit.stdout + submit.stderr
         assert "Uploading package" in submit.stderr or "already exists" in submit.stderr, submit.stderr
         assert working_dir_package_bytes() < 5 * 2**20  # no .venv, .git, runs/ or data/ in it
+
+        # While it runs, the dashboard's API shows the job, its trial actors and a trial's Train run with
+        # its two workers.
+        live: dict = {}
+
+        def dashboard_shows_a_trial_training() -> bool:
+            job = head.api(f"/api/jobs/{submission_id}")
+            if job["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+                raise AssertionError(f"the job ended before the dashboard showed a trial training: {job['status']}")
+            try:
+                actors = [a for a in head.state("actors") if a.get("job_id") == job.get("job_id")]
+                runs = [r for r in _train_runs(head) if r["job_id"] == job.get("job_id")]
+            except TimeoutError:  # a dashboard slow to gather actors on a loaded machine: ask again
+                return False
+            live.update(job=job, actors=actors, runs=runs)
+            alive = {a["class_name"] for a in actors if a["state"] == "ALIVE"}
+            training = [r for r in runs if r["status"] == "RUNNING" and r["attempts"]
+                        and len(r["attempts"][-1]["workers"]) == 2]
+            return job["status"] == "RUNNING" and {"ImplicitFunc", "TrainController", "RayTrainWorker"} <= alive \
+                and bool(training)
+
+        wait_until(dashboard_shows_a_trial_training, timeout=300, what="the dashboard showing a trial training",
+                   poll_s=1)
+        workers = live["runs"][0]["attempts"][-1]["workers"]
+        assert all(w["actor_id"] in {a["actor_id"] for a in live["actors"]} for w in workers), workers
 
         info = head.wait_job(submission_id, timeout=300)
         assert info["status"] == "SUCCEEDED", head.job_logs(submission_id)
@@ -119,6 +158,14 @@ class TestHeadNode:
         assert rows[0]["trial_id"] == best["trial_id"]
         for row in rows:  # each trial's checkpoints, from its Train run on the cluster
             assert list((experiment / f"trial_{row['trial_id']}" / "train").glob("checkpoint_*")), row
+        # Every trial's Train run is on the dashboard's Train page, found by its storage path (the trial's directory).
+        runs = [r for r in _train_runs(head) if r["job_id"] == info["job_id"]]
+        by_trial = {Path(r["run_settings"]["run_config"]["storage_path"]).name: r for r in runs}
+        assert set(by_trial) == {f"trial_{row['trial_id']}" for row in rows}, sorted(by_trial)
+        # Ray's dashboard calls a run ABORTED when its recorded state is still RUNNING and its controller
+        # actor is gone, which is how these trials' runs end up (their results are complete).
+        assert {r["status"] for r in runs} <= {"FINISHED", "ABORTED"}, [(r["name"], r["status"]) for r in runs]
+        assert all(len(r["attempts"][-1]["workers"]) == 2 for r in runs)
 
     @pytest.mark.timeout(600)
     def test_s3_storage_survives_a_killed_driver(self, head, s3, env, workdir):
