@@ -83,6 +83,26 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def listening_sockets(pids: list[int]) -> list[tuple[int, str, int]]:
+    """(pid, address, port) of every TCP socket in the LISTEN state that one of `pids` holds."""
+    wanted = set(pids)
+    return sorted((conn.pid, conn.laddr.ip, conn.laddr.port) for conn in psutil.net_connections(kind="tcp")
+                  if conn.status == psutil.CONN_LISTEN and conn.pid in wanted)
+
+
+def off_loopback(sockets: list[tuple[int, str, int]]) -> list[tuple[int, str, int]]:
+    """The sockets bound outside 127.0.0.0/8 and ::1 (0.0.0.0 and :: included: they take every
+    address); an IPv4-mapped address counts as its IPv4 one."""
+    import ipaddress
+
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip.split("%")[0])
+        mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is 127.0.0.1
+        return (mapped or address).is_loopback
+
+    return [s for s in sockets if not loopback(s[1])]
+
+
 def _die_with_parent() -> None:
     """preexec_fn: SIGKILL this child when the test process dies, however it dies."""
     import ctypes

@@ -39,7 +39,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cluster_helpers import (REPO, TUNE, VENV_BIN, Driver, LocalCluster, S3Server, cluster_env, running,
+from cluster_helpers import (REPO, TUNE, VENV_BIN, Driver, LocalCluster, S3Server, cluster_env, descendants,
+                             listening_sockets, off_loopback, running,
                              short_tmpdir, tune_trial_statuses, wait_until)
 
 SMOKE = REPO / "search_spaces" / "smoke.yaml"
@@ -328,6 +329,12 @@ class TestThreeNodes:
         assert code == 2 and len(errors) == 1, driver.tail()
         assert "--storage" in errors[0] and "cannot see" in errors[0], errors
         assert not list(private_dir.glob("runs/unshared/trial_*"))  # refused before any trial ran
+
+    def test_every_listening_socket_of_the_cluster_is_on_loopback(self, nodes):
+        pids = [pid for root in nodes.recorded_pids() for pid in descendants(root)]
+        sockets = listening_sockets(pids)
+        assert len({pid for pid, _, _ in sockets}) >= 3, sockets  # GCS, raylets, dashboard... seen
+        assert off_loopback(sockets) == [], sockets
 
     @pytest.mark.timeout(120)
     def test_down_stops_all_it_started_and_nothing_else(self, nodes):

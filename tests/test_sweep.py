@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cluster_helpers import TUNE, Driver, tune_trial_statuses
+from cluster_helpers import TUNE, Driver, descendants, listening_sockets, off_loopback, tune_trial_statuses
 from conftest import REPO
 
 SMOKE = REPO / "search_spaces" / "smoke.yaml"
@@ -157,6 +157,23 @@ def rank0_pid(trial_dir: Path) -> int:
     match = re.search(r"rank 0 of \d+, pid (\d+)", log.read_text())
     assert match, log.read_text()[:2000]
     return int(match[1])
+
+
+@pytest.mark.timeout(240)
+def test_every_listening_socket_of_a_local_sweep_is_on_loopback(env, tmp_path):
+    """tune.py without --address starts its own Ray (as on a laptop): while a trial trains,
+    every TCP socket that Ray, its dashboard and the trial's processes listen on is on 127.0.0.1."""
+    space = space_file(tmp_path / "sockets.yaml", resources__ALL=ONE_WORKER, experiment__name="sockets",
+                       experiment__num_samples=1)
+    local_env = {key: value for key, value in env.items() if key != "RAY_ADDRESS"}
+    sweep = Driver([*TUNE, "--space", space, "--storage", tmp_path / "runs"], local_env)
+    try:
+        sweep.wait_for(r"^trial \S+ epoch 1/3", timeout=200)  # Ray, its dashboard and a trial are up
+        sockets = listening_sockets(descendants(sweep.proc.pid))
+    finally:
+        sweep.kill()
+    assert len({pid for pid, _, _ in sockets}) >= 3, sockets  # GCS, raylet, dashboard, the trial's worker...
+    assert off_loopback(sockets) == [], sockets
 
 
 @pytest.mark.timeout(360)
