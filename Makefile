@@ -24,11 +24,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(PY) orchestrate/tune.py --space search_spaces/lr.yaml
 
+# Two pytest-xdist processes, each taking whole modules (a module's one Ray stays in one
+# process): the Ray tests spend much of their time waiting on Ray, the other process uses
+# it. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup
-	$(PY) -m pytest -q $(addprefix --ignore=,$(SLOW_TESTS))
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(addprefix --ignore=,$(SLOW_TESTS))
 
 bench: setup
 	for b in benchmarks/*.py; do \
