@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from psdet.errors import NonFiniteLossError, UserError
+from psdet.preemption import EXIT_PREEMPTED, Preempted
 
 EXIT_USER_ERROR = 2
 
@@ -215,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         print(f"psdet {args.command}: {exc}", file=sys.stderr)
         return 1
+    except Preempted as exc:
+        print(f"psdet {args.command}: {exc}; the same command with --resume continues it", file=sys.stderr)
+        return EXIT_PREEMPTED
 
 
 if __name__ == "__main__":

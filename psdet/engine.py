@@ -40,6 +40,7 @@ from psdet.hooks import Hook, StepLosses, default_hooks
 from psdet.metrics import evaluate, truth_from_batch
 from psdet.models import build_model
 from psdet.optim import apply_schedule, build_optimizer
+from psdet.preemption import Preempted, PreemptionNotice
 from psdet.reporting import LOSS_TERMS, TOTAL_EPOCHS, LocalReporter, Reporter
 from psdet.sampler import ResumableSampler
 
@@ -256,14 +257,17 @@ def _train(cfg: Config, out_dir: Path, ctx: distributed.DistContext, reporter: R
         if ctx.distributed:
             run.model = DistributedDataParallel(
                 run.raw_model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-        return _train_epochs(run, data, checkpoints, hooks)
+        with PreemptionNotice() as notice:
+            return _train_epochs(run, data, checkpoints, hooks, notice)
     finally:
         for hook in hooks:
             hook.after_train(run)  # on every exit: a non-finite loss, a stop, a kill by the scheduler
 
 
-def _train_epochs(run: Run, data: _Data, checkpoints: _Checkpoints, hooks: list[Hook]) -> dict[str, float]:
-    """The epoch-and-step loop from `run.position` to the last epoch; -> the last epoch's metrics."""
+def _train_epochs(run: Run, data: _Data, checkpoints: _Checkpoints, hooks: list[Hook],
+                  notice: PreemptionNotice) -> dict[str, float]:
+    """The epoch-and-step loop from `run.position` to the last epoch; -> the last epoch's metrics.
+    On a preemption notice: a checkpoint after the step (or the epoch) it came in, then Preempted."""
     cfg, epochs = run.cfg, run.cfg.train.epochs
     metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
@@ -299,6 +303,9 @@ def _train_epochs(run: Run, data: _Data, checkpoints: _Checkpoints, hooks: list[
                 if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0 and done < run.steps_per_epoch:
                     run.position = ckpt.Position(epoch, step, done)
                     checkpoints.save(run, {}, hooks)
+                if done < run.steps_per_epoch and notice.requested(run.ctx):
+                    run.position = ckpt.Position(epoch, step, done)
+                    raise Preempted(checkpoints.save(run, {}, hooks), step)
         elapsed = time.perf_counter() - started
         metrics = dict(zip(LOSS_TERMS, (epoch_terms / max(epoch_steps, 1)).tolist()))
         metrics.update(epoch=epoch + 1, step=step, lr=schedule.get("lr", float("nan")),
@@ -321,6 +328,8 @@ def _train_epochs(run: Run, data: _Data, checkpoints: _Checkpoints, hooks: list[
         if is_eval:
             for hook in hooks:
                 hook.on_evaluation(run, dict(metrics), saved)
+        if not finished and notice.requested(run.ctx):
+            raise Preempted(saved if is_ckpt else checkpoints.save(run, metrics, hooks), step)
     return metrics
 
 

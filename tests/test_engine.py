@@ -9,6 +9,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cluster_helpers import wait_until
 from psdet import checkpoint as ckpt
 from psdet.config import load_config
 from psdet.engine import train
@@ -147,6 +149,68 @@ def test_resume_after_sigkill_mid_epoch_is_exact(synth_data, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr
     _assert_same_weights(_final_weights(clean), _final_weights(killed))
+
+
+def test_sigterm_is_a_preemption_notice_no_step_lost(synth_data, tmp_path):
+    """SIGTERM mid-run: the step in flight finishes, a checkpoint of exactly that step is
+    written, the run exits 143 saying so; `--resume` ends bit for bit like a run never stopped."""
+    overrides = [f"-o={o}" for o in [*FAST, "train.epochs=4"]]  # no periodic mid-epoch checkpoints
+    common = ["train", "-c", "ps_gat_tiny", "--data", str(synth_data), *overrides]
+    clean, stopped = tmp_path / "clean", tmp_path / "stopped"
+    reference = subprocess.Popen(_psdet(*common, "--out", str(clean)), cwd=REPO,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "stopped.err"
+    with open(log, "w") as err_file:
+        victim = subprocess.Popen(_psdet(*common, "--out", str(stopped)), cwd=REPO, stdout=subprocess.DEVNULL,
+                                  stderr=err_file)
+    try:  # the notice comes once the first epoch is done
+        wait_until(lambda: "epoch 1/4: loss" in log.read_text() or victim.poll() is not None, timeout=240,
+                   what="the first epoch's log line", poll_s=0.1)
+        assert victim.poll() is None, "the run ended before the notice"
+        victim.send_signal(signal.SIGTERM)
+        victim.wait(timeout=180)
+        assert reference.wait(timeout=300) == 0
+    finally:
+        for process in (victim, reference):
+            if process.poll() is None:
+                process.kill()
+    err = log.read_text()
+    assert victim.returncode == 143, err[-2000:]
+    said = re.search(r"psdet train: preempted \(SIGTERM\): stopped after step (\d+) with a checkpoint at (\S+); "
+                     r"the same command with --resume continues it", err)
+    assert said, err[-2000:]
+    newest = ckpt.latest_valid(stopped / "checkpoints")
+    assert str(newest) == said[2] and ckpt.read_meta(newest)["step"] == int(said[1])  # no step after the checkpoint
+    assert 6 <= int(said[1]) < 24  # after the first epoch of 6 steps, before the last
+
+    resumed = subprocess.run(_psdet(*common, "--out", str(stopped), "--resume"), timeout=300, cwd=REPO,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {newest}" in resumed.stderr
+    _assert_same_weights(_final_weights(clean), _final_weights(stopped))
+
+
+def test_the_preemption_notice_is_inactive_off_the_main_thread():
+    from psdet.distributed import DistContext
+    from psdet.preemption import PreemptionNotice
+
+    seen = {}
+
+    def in_a_thread():
+        with PreemptionNotice() as notice:
+            seen["active"] = notice.active
+            seen["handler"] = signal.getsignal(signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    worker = threading.Thread(target=in_a_thread)
+    worker.start()
+    worker.join(timeout=30)
+    assert seen == {"active": False, "handler": before}  # a thread cannot take SIGTERM over
+    with PreemptionNotice() as notice:
+        assert notice.active and signal.getsignal(signal.SIGTERM) != before
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert notice.requested(DistContext(0, 1, 0, torch.device("cpu")))
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_resume_from_mid_epoch_checkpoint_in_process(synth_data, tmp_path):
