@@ -6,7 +6,9 @@ What is spent:
   times its wall time (`wall_time_s` in the ledger, trials.json), in hours;
 - `epochs`: the epochs the trials ran, summed (the ledger's `epochs`);
 - `wall_hours`: the sweep drivers' own wall time, summed over drivers: each driver (a
-  `--resume` is a new one) keeps its seconds under its own id in `<experiment>/budget.json`.
+  `--resume` is a new one) keeps its seconds in a file of its own, `<experiment>/budget/<id>.json`.
+  (Not one file in the experiment's root: a restored Tune copies every .json there into
+  its staging directory and syncs that copy back over the file while it runs.)
 
 A new trial starts only while the spending projected with it stays within every limit:
 what is spent, plus what the running trials would still spend if they ran all their
@@ -23,10 +25,12 @@ import time
 import uuid
 from typing import Any
 
+import pyarrow.fs
+
 from orchestrate import storage
 from orchestrate.space import SweepSpec
 
-BUDGET_FILE = "budget.json"
+BUDGET_DIR = "budget"  # one <driver id>.json per driver: {"wall_s": seconds, "stopped": why, if it stopped}
 LEDGER = "trials.json"  # orchestrate.results.LEDGER (not imported: results imports Ray's tune)
 UNIT_NAMES = {"gpu_hours": "GPU-hours", "cpu_hours": "CPU-hours", "epochs": "epochs", "wall_hours": "wall hours"}
 
@@ -81,10 +85,10 @@ def describe(amount: float, unit: str) -> str:
 
 class BudgetGuard:
     """The sweep's budget as the searcher and the scheduler see it, read from the sweep's
-    record in `experiment_uri` (trials.json, budget.json) each time it is asked.
+    record in `experiment_uri` (trials.json, budget/) each time it is asked.
 
-    The searcher's guard also keeps this driver's wall seconds in budget.json (`tick`) and
-    notes there why it stopped starting trials. A guard pickles with Tune's searcher or
+    The searcher's guard also keeps this driver's wall seconds in budget/<driver id>.json
+    (`tick`) and notes there why it stopped starting trials. A guard pickles with Tune's searcher or
     scheduler state; a driver that unpickles it (a `--resume`) counts as a new driver."""
 
     def __init__(self, spec: SweepSpec, experiment_uri: str, use_gpu: bool) -> None:
@@ -110,11 +114,15 @@ class BudgetGuard:
         records = json.loads(storage.read_bytes(ledger_uri)) if storage.exists(ledger_uri) else {}
         return records, read_budget_file(self.experiment_uri)
 
+    def _write(self, **fields: Any) -> None:
+        uri = storage.join(self.experiment_uri, BUDGET_DIR, f"{self.session}.json")
+        mine = json.loads(storage.read_bytes(uri)) if storage.exists(uri) else {}
+        mine.update(fields)
+        storage.write_bytes(uri, json.dumps(mine).encode())
+
     def tick(self) -> None:
-        """Write this driver's wall seconds so far into budget.json."""
-        state = read_budget_file(self.experiment_uri)
-        state["sessions"][self.session] = time.monotonic() - self.session_started
-        _write_budget_file(self.experiment_uri, state)
+        """Write this driver's wall seconds so far into its budget/<id>.json."""
+        self._write(wall_s=time.monotonic() - self.session_started)
 
     def refusal(self) -> str | None:
         """Why no new trial may start now, or None."""
@@ -133,10 +141,8 @@ class BudgetGuard:
         return None
 
     def note_stop(self, reason: str) -> None:
-        state = read_budget_file(self.experiment_uri)
-        if not state.get("stopped"):
-            state["stopped"] = reason
-            _write_budget_file(self.experiment_uri, state)
+        if not read_budget_file(self.experiment_uri).get("stopped"):
+            self._write(stopped=reason)
 
     def exhausted(self) -> bool:
         """A limit is reached (for `budget.stop_running`)."""
@@ -147,14 +153,20 @@ class BudgetGuard:
 
 
 def read_budget_file(experiment_uri: str) -> dict[str, Any]:
-    uri = storage.join(experiment_uri, BUDGET_FILE)
-    state = json.loads(storage.read_bytes(uri)) if storage.exists(uri) else {}
-    state.setdefault("sessions", {})
+    """{"sessions": {driver id: wall seconds}, "stopped": the first driver's reason to stop
+    starting trials, if one did} from every driver's budget/<id>.json."""
+    fs, root = storage.filesystem(storage.join(experiment_uri, BUDGET_DIR))
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    state: dict[str, Any] = {"sessions": {}}
+    for info in sorted(infos, key=lambda info: info.mtime_ns or 0):
+        if info.type != pyarrow.fs.FileType.File or not info.base_name.endswith(".json"):
+            continue
+        with fs.open_input_stream(info.path) as stream:
+            mine = json.loads(stream.readall())
+        state["sessions"][info.base_name.removesuffix(".json")] = mine.get("wall_s", 0.0)
+        if mine.get("stopped") and not state.get("stopped"):
+            state["stopped"] = mine["stopped"]
     return state
-
-
-def _write_budget_file(experiment_uri: str, state: dict[str, Any]) -> None:
-    storage.write_bytes(storage.join(experiment_uri, BUDGET_FILE), json.dumps(state, indent=1).encode())
 
 
 def summary_line(spec: SweepSpec, experiment_uri: str, records: dict[str, dict[str, Any]], use_gpu: bool) -> str:

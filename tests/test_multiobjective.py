@@ -227,9 +227,9 @@ def test_searcher_starts_no_trial_that_would_cross_the_budget(tmp_path, capsys):
     ledger["b"] = _record("b", "running", 0.5, 10.0, 1e-3, epochs=1)
     (experiment / "trials.json").write_text(json.dumps(ledger))
     assert searcher.suggest("c") == "FINISHED"  # 4 spent + 2 left for b + 3 for c = 9 > 8
-    state = json.loads((experiment / "budget.json").read_text())
+    state = budget.read_budget_file(str(experiment))
     assert "one more trial would bring the spending to 9 epochs, over 8 epochs" in state["stopped"]
-    assert len(state["sessions"]) == 1
+    assert list(state["sessions"]) == [guard.session] and list((experiment / "budget").iterdir())
     assert budget.summary_line(spec, str(experiment), ledger, use_gpu=False).startswith(
         "budget: spent 4 epochs of 8 epochs; no new trial after that: one more trial")
     ledger["b"]["epochs"] = 5
