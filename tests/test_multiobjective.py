@@ -86,10 +86,9 @@ def _record(trial_id, status, ap, latency, lr, baseline=False, epochs=3, wall=60
 
 
 def _records():
-    # (slot_ap, latency_ms): a (0.6, 20) and b (0.4, 10) trade off: the front; the baseline
-    # (0.3, 30) is dominated by both; c (0.5, 25) by a only: front 1 with the baseline? No:
-    # the baseline is dominated by c as well, so c is front 1 and the baseline front 2.
-    # d was stopped early: no Pareto rank.
+    # (slot_ap, latency_ms): a (0.6, 20) and b (0.4, 10) trade off: the front. c (0.5, 25) is
+    # dominated by a only: front 1. The baseline (0.3, 30) is dominated by a, b and c: front 2.
+    # d was stopped early: no Pareto rank, however good its last values.
     return {r["trial_id"]: r for r in (
         _record("base", "completed", 0.3, 30.0, 3e-3, baseline=True), _record("a", "completed", 0.6, 20.0, 1e-3),
         _record("b", "completed", 0.4, 10.0, 2e-2), _record("c", "completed", 0.5, 25.0, 5e-4),
