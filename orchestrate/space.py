@@ -603,7 +603,8 @@ def _describe_objectives(spec: SweepSpec) -> str:
 
 
 def _describe_budget(budget: Budget) -> str:
-    limits = ", ".join(f"{limit:g} {unit.replace('_', '-')}" for unit, limit in budget.limits().items())
+    names = {"gpu_hours": "GPU-hours", "cpu_hours": "CPU-hours", "epochs": "epochs", "wall_hours": "wall hours"}
+    limits = ", ".join(f"{limit:g} {names[unit]}" for unit, limit in budget.limits().items())
     then = "running trials stop at their next rung" if budget.stop_running else "running trials finish"
     return f"{limits}; no new trial once the next would cross it, {then}"
 

@@ -234,3 +234,28 @@ def test_searcher_starts_no_trial_that_would_cross_the_budget(tmp_path, capsys):
     ledger["b"]["epochs"] = 5
     (experiment / "trials.json").write_text(json.dumps(ledger))
     assert guard.exhausted()  # 8 of 8: with stop_running, running trials stop at their next rung
+
+
+def test_architecture_keys_are_searched_like_any_other(tmp_path):
+    from orchestrate.dryrun import sample_params
+    from orchestrate.space import trial_config
+
+    path = _space(tmp_path, name="arch")
+    tree = yaml.safe_load(path.read_text())
+    tree["search"] = {
+        "model.backbone": {"type": "choice", "values": ["darknet", "resnet18"]},
+        "model.depth_factor": {"type": "int", "low": 2, "high": 8, "step": 2},
+        "data.image_size": {"type": "int", "low": 128, "high": 256, "step": 64},
+        "model.graph.proj_dim": {"type": "int", "low": 8, "high": 32, "step": 8},
+        "model.graph.num_heads": {"type": "choice", "values": [2, 4]},
+    }
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    spec = load_space(path)
+    seen = set()
+    for params in sample_params(spec, 12):
+        cfg = trial_config(spec, params)
+        assert (cfg.model.backbone, cfg.model.depth_factor, cfg.data.image_size, cfg.model.graph.proj_dim,
+                cfg.model.graph.num_heads) == tuple(params[p.key] for p in spec.search)
+        assert cfg.data.image_size in (128, 192, 256) and cfg.model.depth_factor in (2, 4, 6, 8)
+        seen.add(cfg.model.backbone)
+    assert seen == {"darknet", "resnet18"}
