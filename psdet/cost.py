@@ -14,7 +14,8 @@ Measured, not estimated, on the device the model sits on:
 - `gflops`: the floating-point operations of one `predict` at batch 1 and the run's input
   size, counted by `torch.utils.flop_counter.FlopCounterMode` (a multiply-add is 2 FLOPs),
   in units of 1e9. It counts the matrix products and convolutions, which is where the work
-  is; elementwise operations are not counted.
+  is; elementwise operations are not counted. The first count in a process imports part of
+  torch that FlopCounterMode dispatches through (about 14 s on a loaded 2-core VM, once).
 
 The engine measures these at every evaluation (`CostMeter`): params and gflops once per
 run (they depend only on the architecture and the input size), latency each time, on rank
