@@ -1,5 +1,9 @@
 """What a sweep leaves behind: a per-trial ledger while it runs; a leaderboard,
-`results.parquet`, `best_config.yaml` and `best_checkpoint.txt` when it ends.
+`results.parquet`, `best_config.yaml` and `best_checkpoint.txt` when it ends. A
+multi-objective sweep's leaderboard ends with its Pareto front instead of one best trial,
+`results.parquet` has a `pareto_rank` column (0 = on the front, among completed trials),
+and `pareto/<trial>.yaml` (one per front member) with `pareto/checkpoints.txt` take the
+place of the best config and checkpoint.
 
 `TrialLedger` is a Tune callback that keeps one record per trial (params, last and best
 evaluation, status, epochs, restarts, wall time) in `<experiment>/trials.json`,
@@ -26,7 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray import tune
 
-from orchestrate import storage
+from orchestrate import budget, storage
+from orchestrate.pareto import gains, pareto_ranks, selection_keys
 from orchestrate.ray_reporter import WORKER_RESTARTS
 from orchestrate.search import strip_baseline
 from orchestrate.space import SweepSpec, trial_config
@@ -37,6 +42,8 @@ from psdet.reporting import ENGINE_SECONDS, REPORTED, TOTAL_EPOCHS
 RESULTS = "results.parquet"
 BEST_CONFIG = "best_config.yaml"
 BEST_CHECKPOINT = "best_checkpoint.txt"
+PARETO_DIR = "pareto"
+PARETO_CHECKPOINTS = "checkpoints.txt"
 STATUS_ORDER = {"completed": 0, "pruned": 1, "running": 2, "pending": 2, "errored": 3}
 FINISHED = ("completed", "pruned")
 
@@ -198,12 +205,35 @@ def ranked(records: dict[str, dict[str, Any]], metric: str, mode: str) -> list[d
     return sorted(records.values(), key=key)
 
 
-def rows(records: dict[str, dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
+def pareto_keys(records: dict[str, dict[str, Any]],
+                objectives: tuple[tuple[str, str], ...]) -> dict[str, tuple[int, float]]:
+    """Completed trials with every objective's final value -> (Pareto rank, -crowding
+    distance within its front): rank 0 is the front."""
+    scored = {tid: record for tid, record in records.items() if record["status"] == "completed"
+              and all(_finite(record["final"].get(metric)) for metric, _ in objectives)}
+    ids = list(scored)
+    points = [gains([scored[tid]["final"][m] for m, _ in objectives], [mode for _, mode in objectives]) for tid in ids]
+    return dict(zip(ids, selection_keys(points)))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not math.isnan(value)
+
+
+def rows(records: dict[str, dict[str, Any]], metric: str, mode: str,
+         objectives: tuple[tuple[str, str], ...] = ()) -> list[dict[str, Any]]:
     """One flat row per trial: params under their config keys (which hold a dot),
-    metrics as `final_<key>` and `best_<key>` (the evaluation with the best `metric`)."""
+    metrics as `final_<key>` and `best_<key>` (the evaluation with the best `metric`).
+    With several `objectives`, completed trials come first by Pareto rank (then crowding
+    distance) and every row has `pareto_rank` (None unless completed with every objective)."""
     out = []
     kept = {tid: record for tid, record in records.items() if record["status"] != "abandoned"}
-    for rank, record in enumerate(ranked(kept, metric, mode), start=1):
+    order = ranked(kept, metric, mode)
+    fronts = pareto_keys(kept, objectives) if len(objectives) > 1 else None
+    if fronts is not None:
+        position = {record["trial_id"]: i for i, record in enumerate(order)}
+        order.sort(key=lambda record: (fronts.get(record["trial_id"], (math.inf, 0.0)), position[record["trial_id"]]))
+    for rank, record in enumerate(order, start=1):
         row = {
             "rank": rank, "trial_id": record["trial_id"], "baseline": bool(record.get("baseline", False)),
             "status": record["status"],
@@ -213,6 +243,9 @@ def rows(records: dict[str, dict[str, Any]], metric: str, mode: str) -> list[dic
             "checkpoint": record["checkpoint"],
             "error": record["error"],
         }
+        if fronts is not None:
+            front = fronts.get(record["trial_id"])
+            row["pareto_rank"] = None if front is None else front[0]
         row.update(record["params"])
         row.update({f"final_{k}": v for k, v in record["final"].items()})
         row.update({f"best_{k}": v for k, v in record["best"].items()})
@@ -239,14 +272,20 @@ def to_table(table_rows: list[dict[str, Any]]) -> pa.Table:
 def leaderboard(table_rows: list[dict[str, Any]], spec: SweepSpec, limit: int = 20) -> str:
     metric = spec.experiment.metric
     param_keys = [p.key for p in spec.search]
-    header = ["#", "trial", "status", "epochs", f"final {metric}", f"best {metric}", "restarts", "wall s",
-              *param_keys, ""]
+    if spec.multi_objective:
+        scores = ["front", *[f"final {m}" for m, _ in spec.objectives]]
+    else:
+        scores = [f"final {metric}", f"best {metric}"]
+    header = ["#", "trial", "status", "epochs", *scores, "restarts", "wall s", *param_keys, ""]
     lines = []
     for row in table_rows[:limit]:
+        if spec.multi_objective:
+            cells = [_fmt(row.get("pareto_rank")), *[_fmt(row.get(f"final_{m}")) for m, _ in spec.objectives]]
+        else:
+            cells = [_fmt(row.get(f"final_{metric}")), _fmt(row.get(f"best_{metric}"))]
         lines.append([
             str(row["rank"]), row["trial_id"], row["status"], f"{row['epochs']}/{row['total_epochs'] or '?'}",
-            _fmt(row.get(f"final_{metric}")), _fmt(row.get(f"best_{metric}")),
-            f"{row['restarts']}/{row['worker_restarts']}", f"{row['wall_time_s']:.0f}",
+            *cells, f"{row['restarts']}/{row['worker_restarts']}", f"{row['wall_time_s']:.0f}",
             *[_fmt(row.get(key)) for key in param_keys], "<- baseline" if row.get("baseline") else "",
         ])
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
@@ -272,7 +311,9 @@ def sweep_summary(table_rows: list[dict[str, Any]], spec: SweepSpec,
     lines = []
     best = next((row for row in table_rows if row["status"] == "completed"), None)
     baseline = next((row for row in table_rows if row.get("baseline")), None)
-    if best is not None and baseline is not None:
+    if spec.multi_objective:
+        lines += _front_against_baseline(table_rows, spec, baseline)
+    elif best is not None and baseline is not None:
         base_value = baseline.get(f"final_{metric}" if baseline["status"] == "completed" else f"best_{metric}")
         best_value = best.get(f"final_{metric}")
         if base_value is not None and best_value is not None:
@@ -293,26 +334,67 @@ def sweep_summary(table_rows: list[dict[str, Any]], spec: SweepSpec,
     return lines
 
 
+def _front_against_baseline(table_rows: list[dict[str, Any]], spec: SweepSpec,
+                            baseline: dict[str, Any] | None) -> list[str]:
+    """A multi-objective sweep's line on its baseline: on the front, or dominated by whom."""
+    if baseline is None:
+        return ["front against baseline: no baseline trial in this sweep (experiment.baseline is off)"]
+    if baseline.get("pareto_rank") is None:
+        return [f"front against baseline: the baseline {baseline['trial_id']} did not complete with every objective"]
+    if baseline["pareto_rank"] == 0:
+        return [f"front against baseline: the baseline {baseline['trial_id']} is on the Pareto front"]
+    modes = [mode for _, mode in spec.objectives]
+
+    def point(row: dict[str, Any]) -> tuple[float, ...]:
+        return gains([row[f"final_{m}"] for m, _ in spec.objectives], modes)
+
+    front = [row for row in table_rows if row.get("pareto_rank") == 0]
+    better = [row["trial_id"] for row in front if pareto_ranks([point(row), point(baseline)]) == [0, 1]]
+    return [f"front against baseline: {len(better)} of the {len(front)} front trials dominate the baseline "
+            f"{baseline['trial_id']} ({', '.join(better)})"]
+
+
 def engine_seconds(records: dict[str, dict[str, Any]]) -> float:
     return sum(record.get("engine_s", 0.0) for record in records.values())
 
 
 def write_results(spec: SweepSpec, experiment_uri: str, data_root: str,
                   records: dict[str, dict[str, Any]] | None = None,
-                  session: dict[str, float] | None = None) -> dict[str, Any]:
-    """Write results.parquet, best_config.yaml and best_checkpoint.txt; print the leaderboard,
-    ending with `sweep_summary`. Returns {"rows", "best" (row or None), "paths", "summary"}."""
+                  session: dict[str, float] | None = None, use_gpu: bool = False) -> dict[str, Any]:
+    """Write results.parquet, best_config.yaml and best_checkpoint.txt (several objectives:
+    pareto/); print the leaderboard, ending with `sweep_summary` (and, with a budget, what
+    was spent; `use_gpu`: whether trials held GPUs). Returns {"rows", "best" (row or None;
+    several objectives: the first front member), "paths", "summary", "budget_stopped"}."""
     if records is None:
         records = read_ledger(experiment_uri)
     metric, mode = spec.experiment.metric, spec.experiment.mode
-    table_rows = rows(records, metric, mode)
+    table_rows = rows(records, metric, mode, spec.objectives)
     buffer = io.BytesIO()
     pq.write_table(to_table(table_rows), buffer)
     paths = {"results": storage.join(experiment_uri, RESULTS)}
     storage.write_bytes(paths["results"], buffer.getvalue())
 
-    print(f"\nleaderboard of '{spec.name}' ({mode} {metric}; restarts = from checkpoint / of the worker group):")
+    goal = (", ".join(f"{m_mode} {m}" for m, m_mode in spec.objectives) + "; front = Pareto rank"
+            if spec.multi_objective else f"{mode} {metric}")
+    print(f"\nleaderboard of '{spec.name}' ({goal}; restarts = from checkpoint / of the worker group):")
     print(leaderboard(table_rows, spec))
+    if spec.multi_objective:
+        best = _write_front(spec, experiment_uri, data_root, records, table_rows, paths)
+    else:
+        best = _write_best(spec, experiment_uri, data_root, records, table_rows, paths)
+    print(f"results          {paths['results']}")
+    summary = sweep_summary(table_rows, spec, session)
+    stopped = False
+    if spec.experiment.budget.limits():
+        summary.append(budget.summary_line(spec, experiment_uri, records, use_gpu))
+        stopped = bool(budget.read_budget_file(experiment_uri).get("stopped"))
+    print("\n".join(summary))
+    return {"rows": table_rows, "best": best, "paths": paths, "summary": summary, "budget_stopped": stopped}
+
+
+def _write_best(spec: SweepSpec, experiment_uri: str, data_root: str, records: dict[str, dict[str, Any]],
+                table_rows: list[dict[str, Any]], paths: dict[str, str]) -> dict[str, Any] | None:
+    metric = spec.experiment.metric
     best = next((row for row in table_rows if row["status"] == "completed"), None)
     if best is None:
         best = next((row for row in table_rows if row["status"] == "pruned"), None)
@@ -329,7 +411,32 @@ def write_results(spec: SweepSpec, experiment_uri: str, data_root: str,
         print(f"best trial {best['trial_id']}: {metric} {_fmt(best.get(f'final_{metric}'))}, {_params_text(params)}")
         print(f"best config      {paths['best_config']}  (psdet train -c {paths['best_config']})")
         print(f"best checkpoint  {best['checkpoint']}")
-    print(f"results          {paths['results']}")
-    summary = sweep_summary(table_rows, spec, session)
-    print("\n".join(summary))
-    return {"rows": table_rows, "best": best, "paths": paths, "summary": summary}
+    return best
+
+
+def _write_front(spec: SweepSpec, experiment_uri: str, data_root: str, records: dict[str, dict[str, Any]],
+                 table_rows: list[dict[str, Any]], paths: dict[str, str]) -> dict[str, Any] | None:
+    """pareto/<trial>.yaml for each front member (loadable by `psdet train -c`) and
+    pareto/checkpoints.txt; print the front. -> its first member, or None."""
+    front = [row for row in table_rows if row.get("pareto_rank") == 0]
+    if not front:
+        print("no trial completed with every objective: no Pareto front")
+        return None
+    print(f"Pareto front ({len(front)} of {len(table_rows)} trials; "
+          + ", ".join(f"{mode} {m}" for m, mode in spec.objectives) + "):")
+    checkpoints = []
+    for row in front:
+        params = records[row["trial_id"]]["params"]
+        cfg = trial_config(spec, params, data_root)
+        cfg.name = f"{spec.name}_{row['trial_id']}"
+        path = storage.join(experiment_uri, PARETO_DIR, f"{row['trial_id']}.yaml")
+        storage.write_bytes(path, dump_yaml(cfg).encode())
+        checkpoints.append(f"{row['trial_id']} {row['checkpoint']}")
+        scores = ", ".join(f"{m} {_fmt(row.get(f'final_{m}'))}" for m, _ in spec.objectives)
+        print(f"  trial {row['trial_id']}: {scores}; {_params_text(params)}  -> {path}")
+    paths["pareto"] = storage.join(experiment_uri, PARETO_DIR)
+    paths["pareto_checkpoints"] = storage.join(experiment_uri, PARETO_DIR, PARETO_CHECKPOINTS)
+    storage.write_bytes(paths["pareto_checkpoints"], ("\n".join(checkpoints) + "\n").encode())
+    print(f"front configs    {paths['pareto']}/<trial>.yaml  (psdet train -c ...); "
+          f"checkpoints in {paths['pareto_checkpoints']}")
+    return front[0]

@@ -14,6 +14,16 @@ from Ray's `OptunaSearch` where that one misleads TPE:
   (`experiment.baseline`), enqueued and marked with `user_attrs["baseline"]`;
 - every Optuna trial carries its Tune trial id (`user_attrs["tune_trial_id"]`).
 
+With several objectives (`experiment.objectives`) the study has one direction per
+objective and a COMPLETE trial is told all of them. Optuna takes no intermediate values in a
+multi-objective study, so PRUNED trials carry none (TPE counts them among the bad ones);
+MO-ASHA (orchestrate/moasha.py) does the early stopping from Tune's results instead.
+
+A new study can be warm-started: the finished trials of an earlier sweep
+(orchestrate/warm_start.py) are added to it before the first suggestion, so TPE starts
+informed. With `experiment.budget`, `suggest` ends the search (`Searcher.FINISHED`) once
+the next trial would cross the budget (orchestrate/budget.py).
+
 State across a driver restart: the study itself (journal or RDB) plus, in the searcher's
 checkpoint, which Optuna trial number each Tune trial is. On restore, Optuna trials left
 RUNNING by a dead driver and never seen by Tune are told FAIL; a Tune trial that will run
@@ -30,6 +40,7 @@ import math
 import pickle
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +50,7 @@ from ray import tune
 from ray.tune.search import Searcher
 
 from orchestrate import storage
+from orchestrate.budget import BudgetGuard
 from orchestrate.space import DefineByRun, SweepSpec, baseline_params
 from psdet.reporting import TOTAL_EPOCHS
 
@@ -65,6 +77,8 @@ def build_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
     settings, seed = spec.sampler, spec.experiment.seed
     if settings.type == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if settings.type == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=settings.population_size, seed=seed)
     with warnings.catch_warnings():  # multivariate, group and constant_liar are "experimental" in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.n_startup_trials,
@@ -72,7 +86,9 @@ def build_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
                                           constant_liar=settings.constant_liar)
 
 
-def build_searcher(spec: SweepSpec, study_storage: optuna.storages.BaseStorage) -> "SweepSearch":
+def build_searcher(spec: SweepSpec, study_storage: optuna.storages.BaseStorage, *,
+                   budget: BudgetGuard | None = None,
+                   warm_start: Sequence[optuna.trial.FrozenTrial] = ()) -> "SweepSearch":
     return SweepSearch(
         space=DefineByRun(spec.search),
         metric=spec.experiment.metric,
@@ -81,6 +97,9 @@ def build_searcher(spec: SweepSpec, study_storage: optuna.storages.BaseStorage) 
         study_name=spec.name,
         study_storage=study_storage,
         baseline=baseline_params(spec) if spec.experiment.baseline else None,
+        objectives=spec.objectives,
+        budget=budget,
+        warm_start=warm_start,
     )
 
 
@@ -95,21 +114,34 @@ class SweepSearch(Searcher):
 
     def __init__(self, space: DefineByRun, metric: str, mode: str, sampler: optuna.samplers.BaseSampler,
                  study_name: str, study_storage: optuna.storages.BaseStorage,
-                 baseline: dict[str, Any] | None = None) -> None:
+                 baseline: dict[str, Any] | None = None, objectives: tuple[tuple[str, str], ...] = (),
+                 budget: BudgetGuard | None = None,
+                 warm_start: Sequence[optuna.trial.FrozenTrial] = ()) -> None:
         super().__init__(metric=metric, mode=mode)
         self.space = space
         self.sampler = sampler
         self.study_name = study_name
         self.study_storage = study_storage
         self.baseline = baseline
+        self.objectives = tuple(objectives) or ((metric, mode),)
+        self.budget = budget
         self.study = self._open_study()
+        self.warm_started = 0  # trials of an earlier sweep added to this study
+        if warm_start and not self.study.get_trials(deepcopy=False):
+            self.study.add_trials(list(warm_start))
+            self.warm_started = len(warm_start)
         self.running: dict[str, optuna.Trial] = {}  # Tune trial id -> its Optuna trial, until told
         self.numbers: dict[str, int] = {}  # Tune trial id -> its (latest) Optuna trial number
         self.reported: dict[str, set[int]] = {}  # epochs already reported per running trial
 
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
     def _open_study(self) -> optuna.Study:
+        directions = ["maximize" if mode == "max" else "minimize" for _, mode in self.objectives]
         return optuna.create_study(study_name=self.study_name, storage=self.study_storage, sampler=self.sampler,
-                                   direction="maximize" if self.mode == "max" else "minimize", load_if_exists=True)
+                                   directions=directions, load_if_exists=True)
 
     # The study is reopened from its storage after unpickling (Tune pickles the searcher
     # with the Tuner); running trials are rebuilt by `restore`.
@@ -127,8 +159,15 @@ class SweepSearch(Searcher):
 
     # -- asking
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        if self.baseline is not None and not self.study.get_trials(deepcopy=False):
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self.budget is not None:
+            refusal = self.budget.refusal()
+            if refusal is not None:
+                log.warning("budget: no new trial: %s", refusal)
+                self.budget.note_stop(refusal)
+                return Searcher.FINISHED
+        trials = self.study.get_trials(deepcopy=False)
+        if self.baseline is not None and not any(t.user_attrs.get(BASELINE) for t in trials):
             self.study.enqueue_trial(self.baseline, user_attrs={BASELINE: True})
         ot_trial = self._ask(user_attrs={TUNE_TRIAL_ID: trial_id})
         self._track(trial_id, ot_trial, reported=set())
@@ -152,15 +191,24 @@ class SweepSearch(Searcher):
     # -- telling
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.budget is not None:
+            self.budget.tick()
         if trial_id in self.running:
             self._report(trial_id, result)
+
+    def _values(self, result: dict | None) -> list[float] | None:
+        """Every objective's finite value in `result`, else None."""
+        values = [(result or {}).get(metric) for metric, _ in self.objectives]
+        if any(v is None or not math.isfinite(float(v)) for v in values):
+            return None
+        return [float(v) for v in values]
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ot_trial = self.running.pop(trial_id, None)
         if ot_trial is None:
             return  # told before the driver restarted, or never asked here
-        value = (result or {}).get(self.metric)
-        if error or value is None or not math.isfinite(float(value)):
+        values = self._values(result)
+        if error or values is None:
             state, told = TrialState.FAIL, None
             if error:
                 ot_trial.set_user_attr(ERRORED, True)
@@ -168,13 +216,16 @@ class SweepSearch(Searcher):
             self._report(trial_id, result, ot_trial)
             planned = result.get(TOTAL_EPOCHS)
             finished = planned is None or result.get(EPOCH, 0) >= planned
-            state, told = (TrialState.COMPLETE, float(value)) if finished else (TrialState.PRUNED, None)
+            told_values = values if self.multi_objective else values[0]
+            state, told = (TrialState.COMPLETE, told_values) if finished else (TrialState.PRUNED, None)
         try:
             self.study.tell(ot_trial, told, state=state)
         except Exception as exc:  # noqa: BLE001 - one bad trial must not stop the sweep
             log.warning("could not record trial %s in Optuna: %s", trial_id, exc)
 
     def _report(self, trial_id: str, result: dict, ot_trial: optuna.Trial | None = None) -> None:
+        if self.multi_objective:
+            return  # Optuna keeps no intermediate values in a multi-objective study
         value, epoch = result.get(self.metric), result.get(EPOCH)
         if value is None or epoch is None or not math.isfinite(float(value)):
             return

@@ -2,10 +2,11 @@
 
 A space file has five sections (documented with examples in search_spaces/README.md):
 
-    experiment:       base config, fixed overrides, metric, mode, budget, seed, baseline trial
+    experiment:       base config, fixed overrides, metric and mode (or several objectives),
+                      budgets (trials, seconds, GPU- or CPU-hours, epochs), seed, baseline trial
     search:           dotted config key -> {type: loguniform|uniform|int|choice, ..., when: {...}}
-    sampler:          Optuna's TPE (startup trials, multivariate, group, constant liar) or random
-    scheduler:        asha or none
+    sampler:          Optuna's TPE (startup trials, multivariate, group, constant liar), NSGA-II or random
+    scheduler:        asha (MO-ASHA when there are several objectives) or none
     resources:        workers per trial, GPUs, CPUs
     fault_tolerance:  worker and trial retries, checkpoints kept
 
@@ -35,10 +36,12 @@ from psdet.config import (
     yaml_number,
 )
 from psdet.errors import ConfigError
-from psdet.reporting import EVAL_METRICS, LOSS_TERMS
+from psdet.reporting import COST_METRICS, EVAL_METRICS, LOSS_TERMS
 
 # What the engine reports once per evaluation (docs/CONTRACTS.md) and can be optimised.
-METRICS = (*EVAL_METRICS, *LOSS_TERMS)
+METRICS = (*EVAL_METRICS, *COST_METRICS, *LOSS_TERMS)
+MODES = ("max", "min")
+BUDGET_UNITS = ("gpu_hours", "cpu_hours", "epochs", "wall_hours")
 PARAM_TYPES = ("loguniform", "uniform", "int", "choice")
 SECTIONS = ("experiment", "search", "sampler", "scheduler", "resources", "fault_tolerance")
 
@@ -53,6 +56,24 @@ class SyntheticData:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """What the sweep may spend, in any of these units (orchestrate/budget.py counts them):
+    GPU- or CPU-hours (resources held x wall time, summed over trials), epochs (summed over
+    trials), hours of the sweep's own wall time. No new trial starts once it would cross a
+    limit; running trials finish, or with `stop_running` stop at their next rung."""
+
+    gpu_hours: float | None = None
+    cpu_hours: float | None = None
+    epochs: float | None = None
+    wall_hours: float | None = None
+    stop_running: bool = False
+
+    def limits(self) -> dict[str, float]:
+        """The units that are set -> their limit."""
+        return {unit: getattr(self, unit) for unit in BUDGET_UNITS if getattr(self, unit) is not None}
+
+
+@dataclass(frozen=True)
 class Experiment:
     name: str | None = None  # default: the space file's stem
     base_config: str = ""  # a shipped config name or a YAML path (relative to the space file or cwd)
@@ -64,18 +85,24 @@ class Experiment:
     time_budget_s: float | None = None
     synthetic_data: SyntheticData = field(default_factory=SyntheticData)
     baseline: bool = True  # the first trial runs the base config's own value of every searched key
+    # Several objectives, {metric: max|min} in file order (then `metric`/`mode` are the first).
+    objectives: tuple[tuple[str, str], ...] = ()
+    budget: Budget = field(default_factory=Budget)
 
 
 @dataclass(frozen=True)
 class Sampler:
     """How Optuna proposes the next trial. `tpe` draws `n_startup_trials` at random, then
-    models good and bad trials; `random` never stops drawing at random."""
+    models good and bad trials (with several objectives: by non-dominated rank); `nsga2` is
+    Optuna's genetic NSGA-II (generations of `population_size`); `random` never stops
+    drawing at random."""
 
-    type: Literal["tpe", "random"] = "tpe"
+    type: Literal["tpe", "nsga2", "random"] = "tpe"
     n_startup_trials: int = 10  # Optuna's default; a 12-trial sweep wants fewer
     multivariate: bool = False  # one joint density over the parameters instead of one each
     group: bool = False  # with multivariate: separate densities per set of co-occurring (conditional) parameters
     constant_liar: bool = False  # running trials count as bad, so concurrent trials spread out
+    population_size: int = 50  # nsga2: trials per generation (Optuna's default)
 
 
 @dataclass(frozen=True)
@@ -154,6 +181,16 @@ class SweepSpec:
     base_tree: dict
 
     @property
+    def objectives(self) -> tuple[tuple[str, str], ...]:
+        """(metric, mode) of every objective: one for a single-objective space."""
+        e = self.experiment
+        return e.objectives or ((e.metric, e.mode),)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
     def max_epochs(self) -> int:
         """The most epochs any trial can run (ASHA's max_t)."""
         for param in self.search:
@@ -228,10 +265,14 @@ def load_space(path: str | Path) -> SweepSpec:
             raise ConfigError(f"{where}: section '{section}' must be a mapping, got {raw[section]!r}")
 
     experiment_raw = dict(raw["experiment"])
+    objectives = _parse_objectives(where, experiment_raw)
     overrides = experiment_raw.pop("overrides", None) or {}
     if not isinstance(overrides, dict):
         raise ConfigError(f"{where}: 'experiment.overrides' must be a mapping of dotted config keys, got {overrides!r}")
     experiment = build_dataclass(Experiment, experiment_raw, {}, "experiment.", where)
+    if objectives:
+        experiment = dataclasses.replace(experiment, objectives=objectives, metric=objectives[0][0],
+                                         mode=objectives[0][1])
     sampler = build_dataclass(Sampler, raw.get("sampler") or {}, {}, "sampler.", where)
     scheduler = build_dataclass(Scheduler, raw.get("scheduler") or {}, {}, "scheduler.", where)
     resources = build_dataclass(Resources, raw.get("resources") or {}, {}, "resources.", where)
@@ -263,6 +304,32 @@ def load_space(path: str | Path) -> SweepSpec:
     return spec
 
 
+def _parse_objectives(where: str, experiment_raw: dict) -> tuple[tuple[str, str], ...]:
+    """Pop `experiment.objectives` ({metric: max|min}, two or more) off the raw section."""
+    if "objectives" not in experiment_raw:
+        return ()
+    objectives = experiment_raw.pop("objectives")
+    at = f"{where}: 'experiment.objectives'"
+    if not isinstance(objectives, dict) or len(objectives) < 2:
+        raise ConfigError(f"{at} must map two or more reported metrics to max or min, e.g. "
+                          f"{{slot_ap: max, latency_ms: min}}, got {objectives!r} (for one objective use "
+                          "'experiment.metric' and 'experiment.mode')")
+    for key in ("metric", "mode"):
+        if key in experiment_raw:
+            raise ConfigError(f"{where}: 'experiment.{key}' goes with one objective; with "
+                              "'experiment.objectives' drop it")
+    parsed = []
+    for metric, mode in objectives.items():
+        metric = str(metric)
+        if metric not in METRICS:
+            raise ConfigError(f"{where}: 'experiment.objectives.{metric}' is not a reported metric"
+                              f"{_hint(metric, METRICS)}")
+        if mode not in MODES:
+            raise ConfigError(f"{where}: 'experiment.objectives.{metric}' must be max or min, got {mode!r}")
+        parsed.append((metric, mode))
+    return tuple(parsed)
+
+
 def _read(path: Path) -> dict:
     loaded = read_yaml(path, what="search space")
     if not isinstance(loaded, dict):
@@ -290,6 +357,11 @@ def _check_ranges(where: str, experiment: Experiment, scheduler: Scheduler, reso
         fail("experiment.max_concurrent", f"must be >= 1, got {experiment.max_concurrent}")
     if experiment.time_budget_s is not None and experiment.time_budget_s <= 0:
         fail("experiment.time_budget_s", f"must be positive, got {experiment.time_budget_s}")
+    for unit, limit in experiment.budget.limits().items():
+        if limit <= 0:
+            fail(f"experiment.budget.{unit}", f"must be positive, got {limit}")
+    if experiment.budget.stop_running and not experiment.budget.limits():
+        fail("experiment.budget.stop_running", f"needs a limit ({', '.join(BUDGET_UNITS)})")
     synth = experiment.synthetic_data
     if synth.train < 1 or synth.val < 1:
         fail("experiment.synthetic_data", f"needs at least one training and one validation image, got {synth}")
@@ -315,6 +387,12 @@ def _check_ranges(where: str, experiment: Experiment, scheduler: Scheduler, reso
 
 
 def _check_sampler(where: str, sampler: Sampler) -> None:
+    if sampler.type == "nsga2" and sampler.population_size < 2:
+        raise ConfigError(f"{where}: 'sampler.population_size' must be >= 2, got {sampler.population_size}")
+    if sampler.type != "nsga2" and sampler.population_size != Sampler.population_size:
+        raise ConfigError(f"{where}: 'sampler.population_size' is an nsga2 setting (sampler.type is {sampler.type})")
+    if sampler.type == "nsga2" and (sampler.multivariate or sampler.group or sampler.constant_liar):
+        raise ConfigError(f"{where}: 'sampler.type' nsga2 takes no TPE settings (multivariate, group, constant_liar)")
     if sampler.n_startup_trials < 0:
         raise ConfigError(f"{where}: 'sampler.n_startup_trials' must be >= 0, got {sampler.n_startup_trials}")
     if sampler.group and not sampler.multivariate:
@@ -450,6 +528,8 @@ def _parse_param(where: str, key: str, kind: str, body: dict, annotation: Any) -
     step = _number(body.get("step", 1), f"{at}.step'", integer=True)
     if step < 1 or (log and step != 1):
         raise ConfigError(f"{at}.step' must be >= 1 (and 1 with log: true), got {step}")
+    if integer and (high - low) % step:
+        raise ConfigError(f"{at}.high' ({high}) must be 'low' ({low}) plus a whole number of steps ({step})")
     return Param(key, kind, low=low, high=high, log=log, step=int(step))
 
 
@@ -494,6 +574,8 @@ def _check_against_config(where: str, param: Param, params: list[Param], base_tr
     """Each bound / choice must give a config the detector accepts, with its conditions met."""
     context = _enabling_context(param, {p.key: p for p in params})
     values = param.values if param.type == "choice" else (param.low, param.high)
+    if param.type == "int" and not param.log and param.low + param.step <= param.high:
+        values = (*values, param.low + param.step)  # a value between the bounds: data.image_size needs step 32
     for value in values:
         tree = copy.deepcopy(base_tree)
         for key, fixed in {**context, param.key: value}.items():
@@ -508,8 +590,23 @@ def _check_against_config(where: str, param: Param, params: list[Param], base_tr
 def _describe_sampler(sampler: Sampler) -> str:
     if sampler.type == "random":
         return "random"
+    if sampler.type == "nsga2":
+        return f"NSGA-II, population {sampler.population_size}"
     flags = [name for name in ("multivariate", "group", "constant_liar") if getattr(sampler, name)]
     return f"TPE, {sampler.n_startup_trials} random startup trials" + (f", {', '.join(flags)}" if flags else "")
+
+
+def _describe_objectives(spec: SweepSpec) -> str:
+    if not spec.multi_objective:
+        return f"{spec.experiment.mode} {spec.experiment.metric}"
+    return "Pareto front of " + ", ".join(f"{mode} {metric}" for metric, mode in spec.objectives)
+
+
+def _describe_budget(budget: Budget) -> str:
+    names = {"gpu_hours": "GPU-hours", "cpu_hours": "CPU-hours", "epochs": "epochs", "wall_hours": "wall hours"}
+    limits = ", ".join(f"{limit:g} {names[unit]}" for unit, limit in budget.limits().items())
+    then = "running trials stop at their next rung" if budget.stop_running else "running trials finish"
+    return f"{limits}; no new trial once the next would cross it, {then}"
 
 
 def describe_space(spec: SweepSpec) -> str:
@@ -518,13 +615,14 @@ def describe_space(spec: SweepSpec) -> str:
     lines = [
         f"sweep '{spec.name}' from {spec.path}",
         f"  base config   {e.base_config}" + (f"  + {spec.overrides}" if spec.overrides else ""),
-        f"  objective     {e.mode} {e.metric}, {e.num_samples} trials, {e.max_concurrent} at a time, "
+        f"  objective     {_describe_objectives(spec)}, {e.num_samples} trials, {e.max_concurrent} at a time, "
         f"seed {e.seed}" + (f", time budget {e.time_budget_s:g} s" if e.time_budget_s else "")
         + (", first trial = the base config's values" if e.baseline else ""),
+        *([f"  budget        {_describe_budget(e.budget)}"] if e.budget.limits() else []),
         f"  sampler       {_describe_sampler(spec.sampler)}",
         "  search",
         *[f"    {p.key:<28} {p.describe()}" for p in spec.search],
-        f"  scheduler     {s.type}" + (f" (grace {s.grace_period} epochs, reduction {s.reduction_factor:g}, "
+        f"  scheduler     {'MO-ASHA' if s.type == 'asha' and spec.multi_objective else s.type}" + (f" (grace {s.grace_period} epochs, reduction {s.reduction_factor:g}, "
                                        f"max {spec.max_epochs} epochs)" if s.type == "asha" else ""),
         f"  resources     {r.workers} workers x {r.cpus_per_worker:g} CPU"
         + (f" + {r.gpus_per_worker:g} GPU" if r.use_gpu is not False else "")

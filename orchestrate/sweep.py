@@ -37,6 +37,7 @@ class SweepPlan:
     synthetic: SyntheticData | None  # set when data_root is the synthetic cache
     study_url: str  # the Optuna study: a journal path or an RDB URL
     resume: bool  # restore Tune's experiment state in `experiment` instead of starting one
+    warm_start: tuple = ()  # Optuna trials of an earlier sweep that seed a new study (orchestrate/warm_start.py)
 
 
 def run(plan: SweepPlan) -> dict[str, Any]:
@@ -66,19 +67,21 @@ def run(plan: SweepPlan) -> dict[str, Any]:
                              optuna_storage=plan.study_url)
             print(f"sweep '{plan.name}': {spec.experiment.num_samples} trials, {concurrency} at a time, "
                   f"{'GPU' if use_gpu else 'CPU'}; writing to {plan.experiment}; Optuna study in {plan.study_url}")
-            tuner = _new_tuner(plan, trainable, concurrency, mirror)
+            tuner = _new_tuner(plan, trainable, concurrency, mirror, use_gpu)
         engine_before = engine_seconds(read_ledger(plan.experiment))
         fit_started = time.monotonic()
         tuner.fit()
         wall_s = time.monotonic() - fit_started
         records = read_ledger(plan.experiment)
         session = {"wall_s": wall_s, "engine_s": engine_seconds(records) - engine_before, "slots": concurrency}
-        return {**write_results(spec, plan.experiment, plan.data_root, records, session), "session": session}
+        return {**write_results(spec, plan.experiment, plan.data_root, records, session, use_gpu=use_gpu),
+                "session": session}
     finally:
         ray.shutdown()
 
 
-def _new_tuner(plan: SweepPlan, trainable: Any, concurrency: int, mirror: tuple[str, str] | None) -> tune.Tuner:
+def _new_tuner(plan: SweepPlan, trainable: Any, concurrency: int, mirror: tuple[str, str] | None,
+               use_gpu: bool) -> tune.Tuner:
     e = plan.spec.experiment
     ledger = TrialLedger(plan.experiment, e.metric, e.mode, in_process=plan.spec.resources.workers == 1)
     status = StatusBlock(ledger, name=plan.name, metric=e.metric, mode=e.mode, num_samples=e.num_samples,
@@ -86,4 +89,4 @@ def _new_tuner(plan: SweepPlan, trainable: Any, concurrency: int, mirror: tuple[
     callbacks = [status.erase, ledger, *([JournalMirror(*mirror)] if mirror else []), status]
     return build_tuner(plan.spec, trainable, name=plan.name, storage_root=plan.storage_root,
                        study_storage=optuna_storage(plan.study_url), concurrency=concurrency, callbacks=callbacks,
-                       trial_dirname=trial.trial_dirname)
+                       trial_dirname=trial.trial_dirname, use_gpu=use_gpu, warm_start=plan.warm_start)

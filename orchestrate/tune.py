@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--optuna-storage", metavar="URL",
                         help="Optuna study storage: a journal file path or an RDB URL "
                              "(default: optuna.journal in the experiment directory)")
+    parser.add_argument("--warm-start", metavar="EXPERIMENT",
+                        help="seed a new sweep's study with the finished trials of an earlier sweep "
+                             "(its directory: a local path or storage URI) that fit this space")
     parser.add_argument("--num-samples", type=int, help="override experiment.num_samples")
     parser.add_argument("--max-concurrent", type=int, help="override experiment.max_concurrent")
     parser.add_argument("--report", action="store_true",
@@ -103,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--plot goes with --dry-run")
     if args.report and args.dry_run:
         raise UserError("--report goes without --dry-run: a dry run leaves nothing to report on")
+    if args.warm_start and args.resume:
+        raise UserError("--warm-start seeds a new sweep; --resume continues one with the history it has: drop one")
+    warm = _warm_start(args.warm_start, spec) if args.warm_start else ()
 
     address = ray_env.address(args.address)
     ray_env.prepare(address)
@@ -125,14 +131,23 @@ def run(args: argparse.Namespace) -> int:
 
     summary = sweep.run(sweep.SweepPlan(
         spec=spec, space_text=space_text, name=name, storage_root=storage_root, experiment=experiment,
-        address=address, data_root=data_root, synthetic=synthetic, study_url=study_url, resume=args.resume))
+        address=address, data_root=data_root, synthetic=synthetic, study_url=study_url, resume=args.resume,
+        warm_start=warm))
     unfinished = [row["trial_id"] for row in summary["rows"] if row["status"] in ("running", "pending")]
-    if unfinished or len(summary["rows"]) < spec.experiment.num_samples:
+    if unfinished or (len(summary["rows"]) < spec.experiment.num_samples and not summary.get("budget_stopped")):
         print(f"the sweep stopped early; continue it with: python orchestrate/tune.py --space {args.space} "
               f"--storage {args.storage} --name {name} --resume")
     if args.report:
         run_report(argparse.Namespace(storage=storage_root, name=name), summary["session"])
     return 0 if summary["best"] is not None else 1
+
+
+def _warm_start(source: str, spec: SweepSpec) -> tuple:
+    from orchestrate import warm_start
+
+    trials, line = warm_start.load(source, spec)
+    print(line)
+    return tuple(trials)
 
 
 def _with_cli_overrides(spec: SweepSpec, args: argparse.Namespace) -> SweepSpec:

@@ -129,14 +129,16 @@ def _model_from_checkpoint(path: str, cfg=None, overrides: list[str] | None = No
 def cmd_eval(args: argparse.Namespace) -> int:
     from psdet.data import build_dataset
     from psdet.distributed import DistContext
-    from psdet.engine import run_evaluation, setup_logging
+    from psdet.engine import cost_meter, measure_cost, run_evaluation, setup_logging
 
     cfg = _load(args)
     setup_logging(None, True)
     model, cfg, ckpt_dir = _model_from_checkpoint(args.ckpt, cfg)
     dataset = build_dataset(cfg.data, args.split or cfg.data.val_split, train=False, seed=cfg.train.seed)
     device = next(model.parameters()).device
-    metrics = run_evaluation(model, dataset, cfg, DistContext(0, 1, 0, device))
+    ctx = DistContext(0, 1, 0, device)
+    metrics = run_evaluation(model, dataset, cfg, ctx)
+    metrics.update(measure_cost(cost_meter(model, dataset, cfg, ctx), ctx))
     if args.json:
         print(json.dumps({"checkpoint": str(ckpt_dir), "images": len(dataset), **metrics}))
     else:
@@ -145,6 +147,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for kind in ("point", "slot"):
             print(f"{kind:8}{metrics[kind + '_precision']:>11.4f}{metrics[kind + '_recall']:>9.4f}"
                   f"{metrics[kind + '_ap']:>9.4f}")
+        if "latency_ms" in metrics:
+            print(f"cost    {metrics['latency_ms']:.2f} ms per image at batch 1 on {device.type} (median, "
+                  f"post-processing included), {metrics['params']:,} parameters, {metrics['gflops']:.3f} GFLOPs")
     return 0
 
 

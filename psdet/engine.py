@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from psdet import checkpoint as ckpt
 from psdet import distributed
 from psdet.config import Config, dump_yaml
+from psdet.cost import CostMeter
 from psdet.data import build_dataset
 from psdet.data.batch import collate_fn, model_input
 from psdet.errors import ConfigError, DataError, NonFiniteLossError
@@ -258,16 +259,18 @@ def _train(cfg: Config, out_dir: Path, ctx: distributed.DistContext, reporter: R
             run.model = DistributedDataParallel(
                 run.raw_model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
         with PreemptionNotice() as notice:
-            return _train_epochs(run, data, checkpoints, hooks, notice)
+            return _train_epochs(run, data, checkpoints, hooks, notice,
+                                 cost_meter(run.raw_model, data.val_set, cfg, ctx))
     finally:
         for hook in hooks:
             hook.after_train(run)  # on every exit: a non-finite loss, a stop, a kill by the scheduler
 
 
 def _train_epochs(run: Run, data: _Data, checkpoints: _Checkpoints, hooks: list[Hook],
-                  notice: PreemptionNotice) -> dict[str, float]:
+                  notice: PreemptionNotice, cost: CostMeter | None = None) -> dict[str, float]:
     """The epoch-and-step loop from `run.position` to the last epoch; -> the last epoch's metrics.
-    On a preemption notice: a checkpoint after the step (or the epoch) it came in, then Preempted."""
+    Each evaluation also reports `cost`'s latency, params and gflops (psdet.cost). On a
+    preemption notice: a checkpoint after the step (or the epoch) it came in, then Preempted."""
     cfg, epochs = run.cfg, run.cfg.train.epochs
     metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
@@ -320,6 +323,7 @@ def _train_epochs(run: Run, data: _Data, checkpoints: _Checkpoints, hooks: list[
         if is_eval:
             eval_started = time.perf_counter()
             eval_metrics = run_evaluation(run.raw_model, data.val_set, cfg, run.ctx)
+            eval_metrics.update(measure_cost(cost, run.ctx))  # every rank: rank 0 broadcasts
             metrics["eval_s"] = time.perf_counter() - eval_started
         metrics.update(eval_metrics)
         run.position = ckpt.Position(epoch + 1, step, 0)
@@ -421,6 +425,22 @@ def _check_finite(pending: list[torch.Tensor], step: int, epoch: int) -> torch.T
 
 
 # ----------------------------------------------------------------------------- evaluation
+
+
+def cost_meter(raw_model: torch.nn.Module, dataset, cfg: Config, ctx: distributed.DistContext) -> CostMeter | None:
+    """The run's `CostMeter` on rank 0, on the first validation image as the evaluation feeds
+    it (device, memory format, autocast); None on other ranks, and with no validation image."""
+    if not ctx.is_main or len(dataset) == 0:
+        return None
+    image = model_input(dataset[0]["image"].unsqueeze(0).to(ctx.device),
+                        channels_last=uses_channels_last(cfg, ctx.device))
+    dtype = autocast_dtype(cfg, ctx.device)
+    return CostMeter(raw_model, image, context=lambda: _autocast(ctx.device, dtype))
+
+
+def measure_cost(cost: CostMeter | None, ctx: distributed.DistContext) -> dict[str, float]:
+    """Rank 0 measures (psdet.cost.COST_METRICS), every rank gets its figures."""
+    return distributed.broadcast_from_main(cost.measure() if cost is not None else None, ctx) or {}
 
 
 def run_evaluation(raw_model: torch.nn.Module, dataset, cfg: Config, ctx: distributed.DistContext) -> dict[str, float]:

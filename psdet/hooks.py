@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from psdet.reporting import EVAL_METRICS, Reporter
+from psdet.reporting import COST_METRICS, EVAL_METRICS, Reporter
 
 if TYPE_CHECKING:
     from psdet.engine import Run
@@ -116,7 +116,8 @@ class LoggingHook(Hook):
 
     def on_evaluation(self, run: Run, metrics: dict[str, float], checkpoint: Path | None) -> None:
         log.info("epoch %d/%d: %s", metrics["epoch"], run.cfg.train.epochs,
-                 ", ".join(f"{name} {metrics[name]:.4f}" for name in EVAL_METRICS if name in metrics))
+                 ", ".join(f"{name} {metrics[name]:.4g}" if name in COST_METRICS else f"{name} {metrics[name]:.4f}"
+                           for name in (*EVAL_METRICS, *COST_METRICS) if name in metrics))
 
 
 class ProgressHook(Hook):

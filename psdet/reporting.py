@@ -20,8 +20,10 @@ LOSS_TERMS = ("loss", "loss_point", "loss_edge")  # means over the epoch's steps
 EVAL_METRICS = ("point_precision", "point_recall", "point_ap", "slot_precision", "slot_recall", "slot_ap")
 TOTAL_EPOCHS = "total_epochs"  # the run's planned epochs: a report with epoch < total_epochs is not the last
 ENGINE_SECONDS = ("train_s", "eval_s")  # this epoch's seconds in the step loop and in evaluation
-REPORTED = ("epoch", "step", *LOSS_TERMS, "lr", *EVAL_METRICS, "restarts", "images_per_s", TOTAL_EPOCHS,
-            *ENGINE_SECONDS)
+# What running the model costs (psdet.cost): batch-1 inference ms, parameter count, forward GFLOPs.
+COST_METRICS = ("latency_ms", "params", "gflops")
+REPORTED = ("epoch", "step", *LOSS_TERMS, "lr", *EVAL_METRICS, *COST_METRICS, "restarts", "images_per_s",
+            TOTAL_EPOCHS, *ENGINE_SECONDS)
 
 
 class Reporter(Protocol):

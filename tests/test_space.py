@@ -50,6 +50,14 @@ BAD_SPACES = {
     "shared_gpu.yaml": "resources.gpus_per_worker",
     "baseline_outside_range.yaml": "search.optim.lr",
     "group_without_multivariate.yaml": "sampler.group",
+    "objectives_bad_mode.yaml": "experiment.objectives.latency_ms",
+    "objectives_unknown_metric.yaml": "experiment.objectives.latency",
+    "objectives_with_metric.yaml": "experiment.metric",
+    "objectives_only_one.yaml": "experiment.objectives",
+    "budget_not_positive.yaml": "experiment.budget.gpu_hours",
+    "budget_unknown_unit.yaml": "experiment.budget.gpu_hour",
+    "image_size_step.yaml": "search.data.image_size",
+    "nsga2_with_tpe_settings.yaml": "sampler.type",
 }
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -93,7 +101,7 @@ def test_bad_space_as_a_script_exits_2(command):
                                      "'slot_apx' is not a reported metric (did you mean 'slot_ap'?)")
 
 
-@pytest.mark.parametrize("name", ["lr", "optimizer", "scheduler", "warmup", "full", "smoke"])
+@pytest.mark.parametrize("name", ["lr", "optimizer", "scheduler", "warmup", "full", "smoke", "pareto"])
 def test_shipped_spaces_load_and_every_sampled_config_is_valid(name):
     spec = load_space(SPACES / f"{name}.yaml")
     assert spec.name == name
