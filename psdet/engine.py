@@ -369,7 +369,7 @@ def _build_data(cfg: Config, ctx: distributed.DistContext) -> _Data:
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.train.seed)
     val_set = build_dataset(cfg.data, cfg.data.val_split, train=False, seed=cfg.train.seed)
     sampler = ResumableSampler(len(train_set), batch_size, seed=cfg.train.seed, rank=ctx.rank,
-                               world_size=ctx.world_size)
+                               world_size=ctx.world_size, drop_last=cfg.data.drop_last)
     if sampler.batches_per_epoch == 0:
         raise DataError(
             f"{cfg.data.root}: {len(train_set)} training images give no full batch of {batch_size} per worker; "
