@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ckpt", required=True, help="checkpoint directory, its state.pt, or a run directory")
     evaluate.add_argument("--split", help="split to evaluate (default: data.val_split)")
     evaluate.add_argument("--json", action="store_true", help="print metrics as JSON")
+    evaluate.add_argument("--protocol", choices=("one_to_one", "original"), default="one_to_one",
+                          help="matching: one_to_one (default: each prediction is the true positive of at "
+                               "most one truth) or original (gcn-parking-slot's, where one prediction can "
+                               "match two truths; docs/FIDELITY.md)")
 
     synth = commands.add_parser("synth", help="render a seeded synthetic dataset in the ps2.0 layout")
     synth.add_argument("--out", required=True, help="dataset root to write")
@@ -135,11 +139,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, cfg, ckpt_dir = _model_from_checkpoint(args.ckpt, cfg)
     dataset = build_dataset(cfg.data, args.split or cfg.data.val_split, train=False, seed=cfg.train.seed)
     device = next(model.parameters()).device
-    metrics = run_evaluation(model, dataset, cfg, DistContext(0, 1, 0, device))
+    metrics = run_evaluation(model, dataset, cfg, DistContext(0, 1, 0, device), protocol=args.protocol)
     if args.json:
-        print(json.dumps({"checkpoint": str(ckpt_dir), "images": len(dataset), **metrics}))
+        print(json.dumps({"checkpoint": str(ckpt_dir), "images": len(dataset), "protocol": args.protocol, **metrics}))
     else:
-        print(f"checkpoint {ckpt_dir}, {len(dataset)} images")
+        print(f"checkpoint {ckpt_dir}, {len(dataset)} images, {args.protocol} matching")
         print(f"{'':8}{'precision':>11}{'recall':>9}{'AP':>9}")
         for kind in ("point", "slot"):
             print(f"{kind:8}{metrics[kind + '_precision']:>11.4f}{metrics[kind + '_recall']:>9.4f}"

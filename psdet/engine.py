@@ -414,9 +414,11 @@ def _check_finite(pending: list[torch.Tensor], step: int, epoch: int) -> torch.T
 # ----------------------------------------------------------------------------- evaluation
 
 
-def run_evaluation(raw_model: torch.nn.Module, dataset, cfg: Config, ctx: distributed.DistContext) -> dict[str, float]:
+def run_evaluation(raw_model: torch.nn.Module, dataset, cfg: Config, ctx: distributed.DistContext,
+                   protocol: str = "one_to_one") -> dict[str, float]:
     """Point and slot precision/recall/AP of `raw_model` (the detector, not a DDP wrapper) over
-    `dataset`, sharded across ranks, scored on rank 0, the same on every rank."""
+    `dataset`, sharded across ranks, scored on rank 0 under `protocol` (psdet.metrics.evaluate),
+    the same on every rank."""
     raw_model.eval()
     shard = list(range(ctx.rank, len(dataset), ctx.world_size))
     loader = DataLoader(
@@ -437,5 +439,5 @@ def run_evaluation(raw_model: torch.nn.Module, dataset, cfg: Config, ctx: distri
     if gathered is not None:
         all_predictions = [p for part, _ in gathered for p in part]
         all_truths = [t for _, part in gathered for t in part]
-        metrics = evaluate(all_predictions, all_truths)
+        metrics = evaluate(all_predictions, all_truths, protocol=protocol)
     return distributed.broadcast_from_main(metrics, ctx)

@@ -3,13 +3,17 @@
 hand-made case."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from psdet.cli import main as psdet_main
 from psdet.config import load_config
 from psdet.data import build_dataset
 from psdet.data.synth import generate
+from psdet.metrics import ImagePrediction, ImageTruth, evaluate
 from psdet.models import build_model
 from psdet.postprocess import DecodedPoints, decode_points, slots_from_edges
 from psdet.sampler import ResumableSampler
@@ -233,3 +237,136 @@ def test_rotation_switch(tiny_lots, rotate):
     same = [torch.equal(train[i]["marks"], plain[i]["marks"]) and torch.equal(train[i]["image"], plain[i]["image"])
             for i in range(len(train))]
     assert all(same) if not rotate else not any(same)
+
+
+# ----------------------------------------------------------------------------- evaluation protocols
+
+PX = 1 / 600  # one pixel of a 600 px image, normalised
+
+
+def points_image(truth_xy, prediction_xy, scores):
+    """One image with point truths and predictions only (no slots)."""
+    return (ImagePrediction(np.array(prediction_xy, dtype=float).reshape(-1, 2), np.array(scores, dtype=float),
+                            np.zeros((0, 4)), np.zeros(0)),
+            ImageTruth(np.array(truth_xy, dtype=float).reshape(-1, 2), np.zeros((0, 4))))
+
+
+def both(images):
+    predictions, truths = zip(*images)
+    return (evaluate(list(predictions), list(truths)),
+            evaluate(list(predictions), list(truths), protocol="original"))
+
+
+def test_one_prediction_two_truths():
+    # Truths A and B 6 px apart; one prediction P (0.9) 3 px from each. One-to-one: P is
+    # one true positive, B is missed: precision 1/1, recall 1/2, AP = 6/11 (precision 1
+    # at recall levels 0 .. 0.5, never reaching 0.6). The original: A and B both take P:
+    # TP 2 of 2, precision 2/2, recall 1; its curve is (0, 0), (1, 1): AP 1.
+    a, b, p = (0.5, 0.5), (0.5 + 6 * PX, 0.5), (0.5 + 3 * PX, 0.5)
+    ours, original = both([points_image([a, b], [p], [0.9])])
+    assert (ours["point_precision"], ours["point_recall"]) == (1.0, 0.5)
+    assert ours["point_ap"] == pytest.approx(6 / 11)
+    assert (original["point_precision"], original["point_recall"], original["point_ap"]) == (1.0, 1.0, 1.0)
+
+
+def test_second_prediction_near_two_truths():
+    # Truths A, B 6 px apart; P1 (0.9) and P2 (0.7) each within 10 px of both. One-to-one:
+    # P1 takes A, P2 takes B: precision 2/2, recall 2/2, AP 1. The original: both truths
+    # take P1 and P2 is a false positive: at 0.5, TP 2, FP 1, precision 2/3, recall 1;
+    # its only threshold (0.9) has TP 2, FP 0, so AP is still 1.
+    a, b = (0.5, 0.5), (0.5 + 6 * PX, 0.5)
+    ours, original = both([points_image([a, b], [(0.5 + 2 * PX, 0.5), (0.5 + 4 * PX, 0.5)], [0.9, 0.7])])
+    assert (ours["point_precision"], ours["point_recall"], ours["point_ap"]) == (1.0, 1.0, 1.0)
+    assert original["point_precision"] == pytest.approx(2 / 3)
+    assert (original["point_recall"], original["point_ap"]) == (1.0, 1.0)
+
+
+def test_missed_truth_ends_the_original_curve_at_recall_one():
+    # Truths A and C (far apart); P1 (0.8) on A, P2 (0.6) nowhere near. Original lists:
+    # truth scores [0.8, 0.0], false positives [0.6]. Curve: (0, 0), then t = 0.8: TP 1,
+    # FP 0 -> (0.5, 1), then t = 0 -> (1, 0). AP: levels 0 .. 0.5 see precision 1, 0.6 ..
+    # 1 see the (1, 0) point: 6/11. At 0.5: TP 1, FP 1: precision 1/2, recall 1/2. The
+    # one-to-one protocol agrees here: P1 is a TP, P2 an FP, the same 6/11.
+    ours, original = both([points_image([(0.2, 0.2), (0.8, 0.8)], [(0.2, 0.2), (0.5, 0.5)], [0.8, 0.6])])
+    for metrics in (ours, original):
+        assert (metrics["point_precision"], metrics["point_recall"]) == (0.5, 0.5)
+        assert metrics["point_ap"] == pytest.approx(6 / 11)
+
+
+def test_slots_under_both_protocols():
+    # Two true slots whose entrances are 4 px apart at both ends; one predicted slot (0.8)
+    # 2 px from each. One-to-one: 1 TP, recall 1/2, AP 6/11; the original: both truths
+    # take it, recall 1, AP 1. The points (none predicted) score 0 either way.
+    t1 = [0.3, 0.3, 0.3, 0.5]
+    t2 = [0.3 + 4 * PX, 0.3, 0.3 + 4 * PX, 0.5]
+    predicted = [0.3 + 2 * PX, 0.3, 0.3 + 2 * PX, 0.5]
+    prediction = ImagePrediction(np.zeros((0, 2)), np.zeros(0), np.array([predicted]), np.array([0.8]))
+    truth = ImageTruth(np.array([t1[:2], t1[2:], t2[:2], t2[2:]]), np.array([t1, t2]))
+    ours = evaluate([prediction], [truth])
+    original = evaluate([prediction], [truth], protocol="original")
+    assert (ours["slot_precision"], ours["slot_recall"], ours["slot_ap"]) == pytest.approx((1.0, 0.5, 6 / 11))
+    assert (original["slot_precision"], original["slot_recall"], original["slot_ap"]) == (1.0, 1.0, 1.0)
+    assert ours["point_ap"] == original["point_ap"] == 0.0
+
+
+def original_loop(images, score_thresh):
+    """The originals' counting written as plain loops (one truth at a time), for points."""
+    truth_scores, false_positives = [], []
+    for prediction, truth in images:
+        taken = [False] * len(prediction.point_scores)
+        for gt in truth.point_xy:
+            best, best_score = -1, 0.0
+            for k, (xy, score) in enumerate(zip(prediction.point_xy, prediction.point_scores)):
+                if ((xy - gt) ** 2).sum() < 0.000277778 and best_score < score:
+                    best, best_score = k, score
+            truth_scores.append(best_score if best >= 0 else 0.0)
+            if best >= 0:
+                taken[best] = True
+        false_positives += [s for s, t in zip(prediction.point_scores, taken) if not t]
+    recalls, precisions = [0.0], [0.0]
+    for thresh in sorted(set(truth_scores), reverse=True):
+        if thresh == 0.0:
+            recalls.append(1.0), precisions.append(0.0)
+            break
+        tp = sum(s >= thresh for s in truth_scores)
+        fp = sum(s >= thresh for s in false_positives)
+        recalls.append(tp / len(truth_scores)), precisions.append(tp / (tp + fp))
+    ap = sum(max(precisions[next(i for i, r in enumerate(recalls) if r >= level / 10):]) for level in range(11)) / 11
+    tp = sum(s >= score_thresh for s in truth_scores)
+    fp = sum(s >= score_thresh for s in false_positives)
+    return tp / (tp + fp) if tp + fp else 0.0, tp / len(truth_scores), ap
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_original_protocol_equals_the_loop(seed):
+    # Clustered random points (many within 10 px of several others) on 5 images.
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(5):
+        centres = rng.uniform(0.2, 0.8, (3, 2))
+        truth_xy = (centres[rng.integers(0, 3, 4)] + rng.normal(0, 5 * PX, (4, 2)))
+        prediction_xy = (centres[rng.integers(0, 3, 5)] + rng.normal(0, 5 * PX, (5, 2)))
+        scores = rng.choice([0.3, 0.6, 0.9, rng.uniform()], 5)
+        images.append(points_image(truth_xy, prediction_xy, scores))
+    _, original = both(images)
+    precision, recall, ap = original_loop(images, 0.5)
+    assert (original["point_precision"], original["point_recall"]) == pytest.approx((precision, recall))
+    assert original["point_ap"] == pytest.approx(ap)
+
+
+def test_eval_protocol_flag(tiny_lots, tmp_path, capsys):
+    run = tmp_path / "run"
+    overrides = ["-o", "data.image_size=128", "-o", "data.batch_size=4", "-o", "train.epochs=1",
+                 "-o", "train.progress=false"]
+    assert psdet_main(["train", "-c", "ps_gat_tiny", "--data", str(tiny_lots), "--out", str(run), *overrides]) == 0
+    capsys.readouterr()
+    results = {}
+    for protocol in ("one_to_one", "original"):
+        assert psdet_main(["eval", "-c", "ps_gat_tiny", "--data", str(tiny_lots), "--ckpt", str(run), "--json",
+                           "--protocol", protocol, *overrides]) == 0
+        results[protocol] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert results[protocol]["protocol"] == protocol
+    assert {key for key in results["original"] if key.startswith(("point_", "slot_"))} == {
+        f"{kind}_{m}" for kind in ("point", "slot") for m in ("precision", "recall", "ap")}
+    with pytest.raises(SystemExit):
+        psdet_main(["eval", "-c", "ps_gat_tiny", "--ckpt", str(run), "--protocol", "greedy"])
