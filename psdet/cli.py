@@ -1,4 +1,4 @@
-"""`psdet train | eval | synth | describe | predict`.
+"""`psdet train | eval | synth | describe | predict | convert`.
 
 A mistake the user can make (bad config, bad override, missing data, missing or
 corrupt checkpoint) ends in one line on stderr and exit code 2.
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", help="dataset root in the ps2.0 layout (sets data.root)")
     train.add_argument("--out", help="run directory (default: runs/train/<config name>)")
     train.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    train.add_argument("--init", metavar="CKPT",
+                       help="start from these model weights (a psdet checkpoint or a `psdet convert` output; "
+                            "sets train.init_from), with a fresh optimizer at epoch 0")
 
     evaluate = commands.add_parser("eval", help="point and slot precision / recall / AP of a checkpoint")
     _add_config_args(evaluate)
@@ -63,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     describe = commands.add_parser("describe", help="print the model and its parameter count")
     _add_config_args(describe)
 
+    convert = commands.add_parser("convert", help="turn an original gcn-parking-slot checkpoint into a psdet one")
+    convert.add_argument("original", metavar="ORIGINAL.pth", help="the original's checkpoint (its model_state)")
+    convert.add_argument("out", metavar="OUT", help="psdet checkpoint directory to write (must not exist)")
+    convert.add_argument("-c", "--config", help="config for everything the weights do not say (default: ps_gat, "
+                                                "or ps_dmpr for a DMPR checkpoint); the architecture is read "
+                                                "from the checkpoint")
+    convert.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                         help="dotted override, e.g. -o data.max_points=15 (repeatable)")
+
     predict = commands.add_parser("predict", help="detect slots in images; prints JSON")
     predict.add_argument("--ckpt", required=True, help="checkpoint directory, its state.pt, or a run directory")
     predict.add_argument("images", nargs="+", metavar="IMAGE")
@@ -82,6 +94,8 @@ def _load(args: argparse.Namespace):
     overrides = list(args.override)
     if getattr(args, "data", None):
         overrides.append(f"data.root={args.data}")
+    if getattr(args, "init", None):
+        overrides.append(f"train.init_from={json.dumps(str(args.init))}")
     return load_config(args.config, overrides)
 
 
@@ -94,6 +108,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
     for split in (cfg.data.train_split, cfg.data.val_split):  # fail before any log output
         list_samples(Path(cfg.data.root), split)
+    if cfg.train.init_from:  # a checkpoint that does not fit fails here, before any log output
+        from psdet.checkpoint import load_model_weights
+        from psdet.models import build_model
+
+        load_model_weights(build_model(cfg.model, cfg.data.max_points), Path(cfg.train.init_from),
+                           f"config '{cfg.name}'")
     out = Path(args.out or Path("runs") / "train" / cfg.name)
     is_main = int(os.environ.get("RANK", "0")) == 0
     resume = LocalResume(out / "checkpoints") if args.resume else None
@@ -172,6 +192,38 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from psdet import checkpoint as ckpt
+    from psdet import convert
+    from psdet.config import dump_yaml, load_config, parse_override
+    from psdet.models import build_model
+
+    original, out = Path(args.original), Path(args.out)
+    if out.exists():
+        raise UserError(f"{out}: already exists; choose a new directory for the converted checkpoint")
+    checkpoint = convert.read_original(original)
+    architecture = convert.detect_architecture(checkpoint["model_state"], str(original))
+    overrides = dict(parse_override(text) for text in args.override)
+    clashing = [key for key, value in overrides.items() if key in architecture and architecture[key] != value]
+    if clashing:
+        raise UserError(f"{original}: holds {', '.join(f'{k}={architecture[k]}' for k in clashing)}, "
+                        f"not what -o asks for ({', '.join(f'{k}={overrides[k]}' for k in clashing)})")
+    name = args.config or ("ps_dmpr" if architecture["model.detector"] == "dmpr" else "ps_gat")
+    cfg = load_config(name, {**overrides, **architecture})
+    model = build_model(cfg.model, cfg.data.max_points)
+    state = convert.convert_model_state(checkpoint["model_state"], model, backbone=cfg.model.backbone,
+                                        detector=cfg.model.detector, source=str(original))
+    model.load_state_dict(state)  # strict: the mapping is complete
+    epoch = int(checkpoint.get("epoch") or 0)
+    step = int(checkpoint.get("it") or 0)
+    ckpt.write_checkpoint_dir(out, ckpt.Position(epoch, step, 0),
+                              {"model": model.state_dict(), "epoch": epoch, "step": step,
+                               "converted_from": str(original)}, dump_yaml(cfg), {})
+    print(json.dumps({"out": str(out), "config": name, "architecture": architecture, "tensors": len(state),
+                      "epoch": epoch, "step": step}))
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
@@ -203,7 +255,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "synth": cmd_synth, "describe": cmd_describe,
-            "predict": cmd_predict}
+            "predict": cmd_predict, "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

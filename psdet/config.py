@@ -138,6 +138,9 @@ class TrainConfig:
     ckpt_interval: int = 1  # epochs between checkpoints
     ckpt_every_steps: int = 0  # also checkpoint every N steps mid-epoch; 0 = off
     keep_checkpoints: int = 5  # newest N checkpoints kept
+    # start from these model weights (a psdet checkpoint, or one `psdet convert` made from an
+    # original), with a fresh optimizer at epoch 0; ignored when the run resumes. "" = none
+    init_from: str = ""
     sync_bn: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast on CUDA only

@@ -247,6 +247,9 @@ def _train(cfg: Config, out_dir: Path, ctx: distributed.DistContext, reporter: R
         for hook in hooks:
             hook.before_train(run)
         checkpoint = resume.latest_checkpoint() if resume is not None else None
+        if checkpoint is None and cfg.train.init_from:
+            loaded = ckpt.load_model_weights(run.raw_model, Path(cfg.train.init_from), f"config '{cfg.name}'")
+            log.info("model weights from %s (train.init_from)", loaded)
         if checkpoint is not None:
             resumed_metrics = restore(run, checkpoint)
             for hook in hooks:
