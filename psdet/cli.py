@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train one model (torchrun for several processes)")
     _add_config_args(train)
-    train.add_argument("--data", help="dataset root in the ps2.0 layout (sets data.root)")
+    train.add_argument("--data", help="dataset root: json labels, ps2.0 .mat or PSV .mat layout, detected (sets data.root)")
     train.add_argument("--out", help="run directory (default: runs/train/<config name>)")
     train.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     train.add_argument("--init", metavar="CKPT",
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="point and slot precision / recall / AP of a checkpoint")
     _add_config_args(evaluate)
-    evaluate.add_argument("--data", help="dataset root in the ps2.0 layout (sets data.root)")
+    evaluate.add_argument("--data", help="dataset root: json labels, ps2.0 .mat or PSV .mat layout, detected (sets data.root)")
     evaluate.add_argument("--ckpt", required=True, help="checkpoint directory, its state.pt, or a run directory")
     evaluate.add_argument("--split", help="split to evaluate (default: data.val_split)")
     evaluate.add_argument("--json", action="store_true", help="print metrics as JSON")
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--train", type=int, default=200, help="training images (default 200)")
     synth.add_argument("--val", type=int, default=50, help="validation images (default 50)")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--format", choices=("json", "mat", "psv"), default="json",
+                       help="label layout: json (ps_json_label/, default), mat (the ps2.0 release's "
+                            "annotations/*.mat) or psv (the PSV dataset's annotations/ and images/)")
 
     describe = commands.add_parser("describe", help="print the model and its parameter count")
     _add_config_args(describe)
@@ -107,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     for split in (cfg.data.train_split, cfg.data.val_split):  # fail before any log output
-        list_samples(Path(cfg.data.root), split)
+        list_samples(Path(cfg.data.root), split, cfg.data.format)
     if cfg.train.init_from:  # a checkpoint that does not fit fails here, before any log output
         from psdet.checkpoint import load_model_weights
         from psdet.models import build_model
@@ -176,7 +179,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     if args.train < 0 or args.val < 0:
         raise UserError("--train and --val must be >= 0")
-    summary = generate(Path(args.out), args.train, args.val, args.seed)
+    fmt = {"json": "json", "mat": "ps2_mat", "psv": "psv_mat"}[args.format]
+    summary = generate(Path(args.out), args.train, args.val, args.seed, fmt=fmt)
     print(f"wrote {args.train} training and {args.val} validation images ({summary['marks']} marks, "
           f"{summary['slots']} slots) to {args.out} in {summary['seconds']:.1f} s")
     return 0
