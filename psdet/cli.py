@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train one model (torchrun for several processes)")
     _add_config_args(train)
-    train.add_argument("--data", help="dataset root: json labels, ps2.0 .mat or PSV .mat layout, detected (sets data.root)")
+    train.add_argument("--data", help="dataset root, json or .mat layout, detected (sets data.root)")
     train.add_argument("--out", help="run directory (default: runs/train/<config name>)")
     train.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     train.add_argument("--init", metavar="CKPT",
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="point and slot precision / recall / AP of a checkpoint")
     _add_config_args(evaluate)
-    evaluate.add_argument("--data", help="dataset root: json labels, ps2.0 .mat or PSV .mat layout, detected (sets data.root)")
+    evaluate.add_argument("--data", help="dataset root, json or .mat layout, detected (sets data.root)")
     evaluate.add_argument("--ckpt", required=True, help="checkpoint directory, its state.pt, or a run directory")
     evaluate.add_argument("--split", help="split to evaluate (default: data.val_split)")
     evaluate.add_argument("--json", action="store_true", help="print metrics as JSON")
