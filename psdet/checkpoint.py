@@ -111,9 +111,17 @@ def save_checkpoint(
     root: Path, position: Position, state: dict[str, Any], config_yaml: str, metrics: dict[str, float]
 ) -> Path:
     """Write a checkpoint under `root` atomically; return its final directory."""
+    return write_checkpoint_dir(Path(root) / position.dirname, position, state, config_yaml, metrics)
+
+
+def write_checkpoint_dir(
+    final: Path, position: Position, state: dict[str, Any], config_yaml: str, metrics: dict[str, float]
+) -> Path:
+    """Write one checkpoint directory `final` atomically (a temporary sibling renamed into
+    place, replacing an older `final`); return it."""
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    final = root / position.dirname
-    tmp = root / f".tmp-{position.dirname}-{os.getpid()}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -194,6 +202,20 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+def load_model_weights(model: torch.nn.Module, path: Path, what: str) -> Path:
+    """Load only the model weights of the checkpoint at `path` (a checkpoint or run directory,
+    or its state.pt; weights_only) into `model`; -> the checkpoint directory. CheckpointError
+    naming it and `what` (the config) when its tensors do not fit the model."""
+    ckpt_dir = resolve_checkpoint(Path(path))
+    state, _ = load_checkpoint(ckpt_dir)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:  # names the first keys that do not fit, on one line
+        details = " ".join(str(exc).split())
+        raise CheckpointError(f"checkpoint '{ckpt_dir}' does not fit {what}: {details[:300]}") from None
+    return ckpt_dir
 
 
 def resolve_checkpoint(path: Path) -> Path:

@@ -25,9 +25,15 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 @dataclass
 class DataConfig:
-    """Where the ps2.0-layout dataset lives and how it is loaded and augmented."""
+    """Where the dataset lives, in which layout, and how it is loaded and augmented.
+
+    `format` names the label layout (psdet.data.layouts): `json` (DMPR-PS's
+    ps_json_label), `ps2_mat` (the official ps2.0 release's annotations/*.mat), `psv_mat`
+    (the PSV dataset's annotations/*.mat); `auto` picks whichever `root` holds for the split.
+    """
 
     root: str = "data/synth"
+    format: Literal["auto", "json", "ps2_mat", "psv_mat"] = "auto"
     train_split: str = "training"
     val_split: str = "testing/all"
     image_size: int = 512  # square network input, pixels; a multiple of 32
@@ -37,8 +43,9 @@ class DataConfig:
     num_workers: int = 2  # DataLoader processes per training worker
     cache_images: bool = False  # keep decoded, resized images in memory (small datasets)
     color_jitter: float = 0.1  # brightness/contrast/saturation/hue strength; 0 = off
-    rotate: bool = True  # random rotation that keeps every mark inside the image
+    rotate: bool = True  # random rotation that keeps every mark inside the image (the original: off)
     max_rotation_deg: float = 180.0
+    drop_last: bool = True  # drop each epoch's partial last batch (the original keeps it)
 
 
 @dataclass
@@ -86,8 +93,14 @@ class ModelConfig:
     point_thresh: float = 0.008  # confidence for a candidate cell
     boundary_thresh: float = 0.05  # candidates this close to the border are dropped
     nms_radius: float = 0.0625  # 1/16 of the image
-    max_candidates: int = 64  # top-k cap on candidate cells before NMS
+    max_candidates: int = 64  # top-k cap on candidate cells before NMS; 0 = no cap (the original)
+    # NMS survivors kept: `max_points` = the data.max_points most confident (a fixed-size
+    # graph); `all` = every survivor, the graph sized to them (the original)
+    nms_keep: Literal["max_points", "all"] = "max_points"
     edge_thresh: float = 0.5
+    # GAT slot score: `edge_x_min_point` = edge probability x the lower point confidence;
+    # `edge` = the edge probability alone (the original)
+    slot_score: Literal["edge_x_min_point", "edge"] = "edge_x_min_point"
     dmpr: DmprConfig = field(default_factory=DmprConfig)
 
 
@@ -121,11 +134,14 @@ class TrainConfig:
     """The training loop: length, evaluation, checkpoints, device and precision."""
 
     epochs: int = 200
-    seed: int = 0
+    seed: int = 0  # the original: 100
     eval_interval: int = 1  # epochs between evaluations (and reports)
     ckpt_interval: int = 1  # epochs between checkpoints
     ckpt_every_steps: int = 0  # also checkpoint every N steps mid-epoch; 0 = off
     keep_checkpoints: int = 5  # newest N checkpoints kept
+    # start from these model weights (a psdet checkpoint, or one `psdet convert` made from an
+    # original), with a fresh optimizer at epoch 0; ignored when the run resumes. "" = none
+    init_from: str = ""
     sync_bn: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast on CUDA only
@@ -376,8 +392,10 @@ def validate(cfg: Config, source: str) -> None:
         fail("model.boundary_thresh", "must be in [0, 0.5)")
     if cfg.model.nms_radius <= 0:
         fail("model.nms_radius", "must be positive")
-    if cfg.model.max_candidates < cfg.data.max_points:
-        fail("model.max_candidates", f"must be >= data.max_points ({cfg.data.max_points})")
+    if cfg.model.max_candidates < 0:
+        fail("model.max_candidates", "must be >= 0 (0 = no cap)")
+    if cfg.model.max_candidates != 0 and cfg.model.max_candidates < cfg.data.max_points:
+        fail("model.max_candidates", f"must be 0 (no cap) or >= data.max_points ({cfg.data.max_points})")
     for key in ("epochs", "eval_interval", "ckpt_interval", "keep_checkpoints"):
         if getattr(cfg.train, key) <= 0:
             fail(f"train.{key}", "must be positive")

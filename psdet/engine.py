@@ -249,6 +249,9 @@ def _train(cfg: Config, out_dir: Path, ctx: distributed.DistContext, reporter: R
         for hook in hooks:
             hook.before_train(run)
         checkpoint = resume.latest_checkpoint() if resume is not None else None
+        if checkpoint is None and cfg.train.init_from:
+            loaded = ckpt.load_model_weights(run.raw_model, Path(cfg.train.init_from), f"config '{cfg.name}'")
+            log.info("model weights from %s (train.init_from)", loaded)
         if checkpoint is not None:
             resumed_metrics = restore(run, checkpoint)
             for hook in hooks:
@@ -382,7 +385,7 @@ def _build_data(cfg: Config, ctx: distributed.DistContext) -> _Data:
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.train.seed)
     val_set = build_dataset(cfg.data, cfg.data.val_split, train=False, seed=cfg.train.seed)
     sampler = ResumableSampler(len(train_set), batch_size, seed=cfg.train.seed, rank=ctx.rank,
-                               world_size=ctx.world_size)
+                               world_size=ctx.world_size, drop_last=cfg.data.drop_last)
     if sampler.batches_per_epoch == 0:
         raise DataError(
             f"{cfg.data.root}: {len(train_set)} training images give no full batch of {batch_size} per worker; "
@@ -443,9 +446,11 @@ def measure_cost(cost: CostMeter | None, ctx: distributed.DistContext) -> dict[s
     return distributed.broadcast_from_main(cost.measure() if cost is not None else None, ctx) or {}
 
 
-def run_evaluation(raw_model: torch.nn.Module, dataset, cfg: Config, ctx: distributed.DistContext) -> dict[str, float]:
+def run_evaluation(raw_model: torch.nn.Module, dataset, cfg: Config, ctx: distributed.DistContext,
+                   protocol: str = "one_to_one") -> dict[str, float]:
     """Point and slot precision/recall/AP of `raw_model` (the detector, not a DDP wrapper) over
-    `dataset`, sharded across ranks, scored on rank 0, the same on every rank."""
+    `dataset`, sharded across ranks, scored on rank 0 under `protocol` (psdet.metrics.evaluate),
+    the same on every rank."""
     raw_model.eval()
     shard = list(range(ctx.rank, len(dataset), ctx.world_size))
     loader = DataLoader(
@@ -466,5 +471,5 @@ def run_evaluation(raw_model: torch.nn.Module, dataset, cfg: Config, ctx: distri
     if gathered is not None:
         all_predictions = [p for part, _ in gathered for p in part]
         all_truths = [t for _, part in gathered for t in part]
-        metrics = evaluate(all_predictions, all_truths)
+        metrics = evaluate(all_predictions, all_truths, protocol=protocol)
     return distributed.broadcast_from_main(metrics, ctx)

@@ -21,8 +21,15 @@ Protocol (DMPR-PS `util/precision_recall.py`, gcn-parking-slot `datasets/parking
   reaches r). Adding curve points at false-positive scores, which the originals skip,
   does not change this AP: each such point has the recall of a better-precision one.
 
+`evaluate(..., protocol="original")` scores exactly as the originals' evaluation does
+(DMPR-PS `util/precision_recall.py`, which gcn-parking-slot calls), see
+`original_summary`: each truth takes the best-scoring prediction that matches it, so one
+prediction can be the true positive of two truths, and an unmatched truth adds a
+(recall 1, precision 0) point to the curve. The default, `one_to_one`, is the correct one.
+
 Edge cases (a 0/0 ratio is 1.0 only when there is nothing to find and nothing was
-predicted, otherwise 0.0):
+predicted, otherwise 0.0; the originals raise on a set without truths, both protocols
+use these rules):
 - no truths, no predictions: precision = recall = AP = 1.0;
 - no truths, some predictions: precision = recall = AP = 0.0 (all false positives);
 - truths, no predictions (at the operating threshold, or at all for AP): 0.0.
@@ -194,7 +201,99 @@ def summarise(scores: np.ndarray, is_true_positive: np.ndarray, num_truths: int,
     return {"precision": float(precision), "recall": float(recall), "ap": ap}
 
 
-def evaluate(predictions: Sequence[ImagePrediction], truths: Sequence[ImageTruth], score_thresh: float = 0.5) -> dict[str, float]:
+PROTOCOLS = ("one_to_one", "original")
+
+
+def match_truths_originally(scores: np.ndarray, matches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The originals' matching in one image: each truth, independently, takes the
+    highest-scoring prediction that matches it (ties: the first; a score of 0 never matches).
+
+    scores [K], matches bool [K, G] -> (truth_scores [G]: the score of each truth's
+    prediction, 0.0 for an unmatched truth; matched bool [K]: predictions some truth took).
+    """
+    num_predictions, num_truths = matches.shape
+    matched = np.zeros(num_predictions, dtype=bool)
+    if num_truths == 0 or num_predictions == 0:
+        return np.zeros(num_truths), matched
+    candidate = np.where(matches & (scores[:, None] > 0), scores[:, None], -np.inf)  # [K, G]
+    best = np.argmax(candidate, axis=0)  # first maximum: the originals' strict `<` update
+    found = np.isfinite(candidate[best, np.arange(num_truths)])
+    matched[best[found]] = True
+    return np.where(found, scores[best], 0.0), matched
+
+
+def original_summary(truth_scores: np.ndarray, false_positive_scores: np.ndarray, score_thresh: float) -> dict[str, float]:
+    """precision, recall at `score_thresh` and AP, counted as DMPR-PS `calc_precision_recall`
+    and `calc_average_precision` count them.
+
+    `truth_scores` [G] holds, per truth, the score of the prediction it took (0.0: none);
+    `false_positive_scores` the scores of the predictions no truth took. At threshold t:
+    TP = truths whose score >= t, FP = unmatched predictions scoring >= t, recall = TP / G,
+    precision = TP / (TP + FP). The curve starts at (recall 0, precision 0), has one point
+    per distinct truth score > 0, descending, and ends at (1, 0) when some truth is
+    unmatched; AP is the mean over r in {0, 0.1, ..., 1} of the best precision from the
+    first point with recall >= r on.
+    """
+    num_truths = len(truth_scores)
+    if num_truths == 0:  # the originals raise here; the module's edge-case rules apply
+        nothing = float(len(false_positive_scores) == 0)
+        return {"precision": nothing, "recall": nothing, "ap": nothing}
+    true_positives = int((truth_scores >= score_thresh).sum())
+    false_positives = int((false_positive_scores >= score_thresh).sum())
+    kept = true_positives + false_positives
+    precision = true_positives / kept if kept else 0.0
+    recall = true_positives / num_truths
+
+    thresholds = np.unique(truth_scores)[::-1]  # distinct, descending
+    curve_recall, curve_precision = [0.0], [0.0]
+    for thresh in thresholds:
+        if thresh == 0.0:
+            curve_recall.append(1.0)
+            curve_precision.append(0.0)
+            break
+        tp = int((truth_scores >= thresh).sum())
+        fp = int((false_positive_scores >= thresh).sum())
+        curve_recall.append(tp / num_truths)
+        curve_precision.append(tp / (tp + fp))
+    curve_recall, curve_precision = np.array(curve_recall), np.array(curve_precision)
+    total = 0.0
+    for level in RECALL_LEVELS:
+        first = int(np.argmax(curve_recall >= level))  # the curve always reaches recall 1
+        total += float(curve_precision[first:].max())
+    return {"precision": float(precision), "recall": float(recall), "ap": total / len(RECALL_LEVELS)}
+
+
+def _point_matches(prediction: ImagePrediction, truth: ImageTruth) -> np.ndarray:
+    return _squared_distances(prediction.point_xy, truth.point_xy) < SQUARED_DISTANCE_THRESH
+
+
+def _slot_matches(prediction: ImagePrediction, truth: ImageTruth) -> np.ndarray:
+    start = _squared_distances(prediction.slot_entrances[:, :2], truth.slot_entrances[:, :2])
+    end = _squared_distances(prediction.slot_entrances[:, 2:], truth.slot_entrances[:, 2:])
+    return (start < SQUARED_DISTANCE_THRESH) & (end < SQUARED_DISTANCE_THRESH)
+
+
+def evaluate_original(predictions: Sequence[ImagePrediction], truths: Sequence[ImageTruth],
+                      score_thresh: float = 0.5) -> dict[str, float]:
+    """`evaluate` under the originals' protocol (`match_truths_originally`, `original_summary`)."""
+    if len(predictions) != len(truths):
+        raise ValueError(f"{len(predictions)} predictions for {len(truths)} images of truth")
+    metrics = {}
+    for kind, matcher, score_of in (("point", _point_matches, lambda p: p.point_scores),
+                                    ("slot", _slot_matches, lambda p: p.slot_scores)):
+        truth_scores, false_positives = [np.zeros(0)], [np.zeros(0)]
+        for prediction, truth in zip(predictions, truths):
+            scores = score_of(prediction)
+            per_truth, matched = match_truths_originally(scores, matcher(prediction, truth))
+            truth_scores.append(per_truth)
+            false_positives.append(scores[~matched])
+        summary = original_summary(np.concatenate(truth_scores), np.concatenate(false_positives), score_thresh)
+        metrics.update({f"{kind}_{key}": value for key, value in summary.items()})
+    return metrics
+
+
+def evaluate(predictions: Sequence[ImagePrediction], truths: Sequence[ImageTruth], score_thresh: float = 0.5,
+             protocol: str = "one_to_one") -> dict[str, float]:
     """Point and slot precision / recall at `score_thresh`, and AP, over a whole set of images.
 
     `score_thresh` is the operating point for precision and recall: a point or slot counts
@@ -202,7 +301,12 @@ def evaluate(predictions: Sequence[ImagePrediction], truths: Sequence[ImageTruth
     slot already has edge probability > 0.5, while points are kept down to 0.008). AP does
     not depend on it. Returns point_precision, point_recall, point_ap, slot_precision,
     slot_recall, slot_ap, each in [0, 1]; see the module docstring for the empty cases.
+    `protocol`: `one_to_one` (default) or `original` (`evaluate_original`).
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if protocol == "original":
+        return evaluate_original(predictions, truths, score_thresh)
     if len(predictions) != len(truths):
         raise ValueError(f"{len(predictions)} predictions for {len(truths)} images of truth")
     point_tp = [match_points(p, t) for p, t in zip(predictions, truths)]

@@ -77,20 +77,23 @@ def decode_points(
     nms_radius: float,
     max_candidates: int,
     max_points: int,
+    keep_all: bool = False,
 ) -> DecodedPoints:
     """Marking points from a predicted map: confidence [B, H, W], offsets [B, 2, H, W] (dx, dy in cells), attributes [B, A, H, W].
 
     1. A cell is a candidate when confidence >= point_thresh and its point
        x = (col + dx) / W, y = (row + dy) / H lies in [boundary_thresh, 1 - boundary_thresh].
     2. Only the `max_candidates` most confident candidates are kept (ties: row-major
-       order). The originals had no such cap; an untrained model makes every cell a
-       candidate and their quadratic NMS then dominates evaluation.
+       order); `max_candidates` 0 keeps them all, as the originals did. Without a cap an
+       untrained model makes every cell a candidate and the quadratic NMS then
+       dominates evaluation.
     3. NMS as the originals: for every pair closer than `nms_radius` in both x and y, the
        less confident one is suppressed (equal confidence: the later one in row-major
        order), whether or not the other one was itself suppressed.
     4. The `max_points` most confident survivors are kept, sorted by descending
-       confidence (ties: row-major order), padded with zeros. The originals passed every
-       survivor to the slot stage; the graph here has a fixed size of `max_points`.
+       confidence (ties: row-major order), padded with zeros. With `keep_all` (the
+       originals) every survivor is kept, still sorted, and P is the larger of
+       `max_points` and the most survivors any image of the batch has.
 
     Computed in float32 (the maps are cast), so x and y equal the originals' numpy float32
     values. On CUDA one host sync decides whether NMS needs its second stage.
@@ -108,7 +111,7 @@ def decode_points(
 
     # Candidates first, by descending confidence, ties in row-major (cell index) order;
     # keep max_candidates. fields [B, 3, K]: confidence, x, y.
-    num_kept = min(max_candidates, num_cells)
+    num_kept = num_cells if max_candidates == 0 else min(max_candidates, num_cells)
     ranked = torch.sort(torch.where(is_candidate, conf, float("-inf")), dim=1, descending=True, stable=True)
     cells = ranked.indices[:, :num_kept]
     cand_valid = ranked.values[:, :num_kept] > float("-inf")
@@ -118,14 +121,15 @@ def decode_points(
     # on those ranked before it, so when every image has max_points survivors among its
     # first 2 * max_points candidates (or no candidates beyond them) the rest cannot
     # change the output: the full K x K comparison runs only when that fails.
-    first_stage = min(num_kept, 2 * max_points)
+    first_stage = num_kept if keep_all else min(num_kept, 2 * max_points)
     survivor = cand_valid[:, :first_stage] & ~_suppressed(fields[:, 1:, :first_stage], nms_radius)
     if first_stage < num_kept and ((survivor.sum(dim=1) < max_points) & cand_valid[:, first_stage]).any():
         survivor = cand_valid & ~_suppressed(fields[:, 1:], nms_radius)
 
-    # The first max_points survivors, still by descending confidence.
+    # The first max_points survivors (keep_all: every survivor), still by descending confidence.
     num_ranked = survivor.shape[1]
-    num_out = min(num_ranked, max_points)
+    most = max(max_points, int(survivor.sum(dim=1).max())) if keep_all and batch else max_points
+    num_out = min(num_ranked, most)
     position_key = torch.where(survivor, _rank_constants(num_ranked, device)[1], 0)
     first = torch.topk(position_key, num_out, dim=1)
     valid = first.values > 0
@@ -140,7 +144,7 @@ def decode_points(
         ).transpose(1, 2)
         point_attributes = torch.where(valid.unsqueeze(-1), point_attributes, 0.0)
 
-    pad = max_points - num_out
+    pad = max(max_points - num_out, 0)
     if pad:  # a grid with fewer cells than max_points
         picked = torch.nn.functional.pad(picked, (0, 0, 0, pad))
         valid = torch.nn.functional.pad(valid, (0, pad))
@@ -171,6 +175,7 @@ def decode_point_map(point_map: Tensor, model_cfg: ModelConfig, max_points: int)
         nms_radius=model_cfg.nms_radius,
         max_candidates=model_cfg.max_candidates,
         max_points=max_points,
+        keep_all=model_cfg.nms_keep == "all",
     )
 
 
@@ -204,23 +209,28 @@ def _image_predictions(points: DecodedPoints, is_slot: np.ndarray, start: np.nda
 
 
 @torch.no_grad()
-def slots_from_edges(edge_scores: Tensor, points: DecodedPoints, edge_thresh: float) -> list[ImagePrediction]:
+def slots_from_edges(edge_scores: Tensor, points: DecodedPoints, edge_thresh: float,
+                     slot_score: str = "edge_x_min_point") -> list[ImagePrediction]:
     """GAT slots: i -> j is a slot entrance when both points are valid, i != j and edge_scores[b, i, j] > edge_thresh.
 
-    edge_scores [B, P, P] are probabilities (sigmoid of the edge logits). A slot's score is
-    its edge probability times the lower confidence of its two points (the original used
-    the edge probability alone, which ranks a confident edge between two doubtful points,
-    e.g. a stray low-confidence candidate, above a real slot). Slots come in row-major
-    (i, j) order. The original also accepted i == j; a point paired with itself is no
-    entrance, so it is skipped here.
+    edge_scores [B, P, P] are probabilities (sigmoid of the edge logits). A slot's score
+    (`model.slot_score`) is, with `edge_x_min_point`, its edge probability times the lower
+    confidence of its two points; with `edge` (the original) the edge probability alone,
+    which ranks a confident edge between two doubtful points, e.g. a stray low-confidence
+    candidate, above a real slot. Slots come in row-major (i, j) order. The original also
+    accepted i == j; a point paired with itself is no entrance, so it is skipped here.
     """
+    if slot_score not in ("edge_x_min_point", "edge"):
+        raise ValueError(f"slot_score must be edge_x_min_point or edge, got {slot_score!r}")
     edge_scores = edge_scores.detach().float().cpu().numpy()
     confidence = points.scores.detach().float().cpu().numpy()
     valid = points.valid.cpu().numpy()
     num_points = valid.shape[1]
     is_slot = (edge_scores > edge_thresh) & valid[:, :, None] & valid[:, None, :] & ~np.eye(num_points, dtype=bool)
     start = np.broadcast_to(np.arange(num_points)[:, None], is_slot.shape)
-    slot_scores = edge_scores * np.minimum(confidence[:, :, None], confidence[:, None, :])
+    slot_scores = edge_scores
+    if slot_score == "edge_x_min_point":
+        slot_scores = edge_scores * np.minimum(confidence[:, :, None], confidence[:, None, :])
     return _image_predictions(points, is_slot, start, start.swapaxes(1, 2), slot_scores)
 
 
@@ -259,8 +269,9 @@ def pair_directional_points(points: DecodedPoints, dmpr_cfg: DmprConfig) -> list
        not both "up" (> 3), not both "down" (< 3). The entrance runs i -> j when i is up
        (or i is t_middle and j is down), else j -> i.
     Slot score = the lower of its two points' confidences (DMPR-PS `ps_evaluate.py`).
-    Slots come in the originals' loop order over (i, j). Only the `max_points` decoded
-    points take part; the originals paired every NMS survivor.
+    Slots come in the originals' loop order over (i, j). Every decoded point takes part:
+    the `max_points` most confident NMS survivors, or all of them with `model.nms_keep:
+    all`, as the originals paired them.
     """
     if points.attributes is None or points.attributes.shape[-1] != 3:
         raise ValueError("pair_directional_points needs attributes (shape, cos, sin) per point")

@@ -11,19 +11,22 @@ class ResumableSampler(Sampler[int]):
     """Shuffles `num_samples` indices with a generator seeded by (seed, epoch), pads the
     permutation to a multiple of `world_size` (as DistributedSampler does), gives rank r
     every world_size-th index from r, and can start `skip_batches` batches into the epoch.
+    With `drop_last` (the default) each rank's partial last batch is dropped; without it
+    (the original's DataLoader) it is the epoch's last, shorter batch.
 
     Nothing here touches the global RNG, so a run resumed mid-epoch sees exactly the
     batches it would have seen.
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True) -> None:
+                 world_size: int = 1, shuffle: bool = True, drop_last: bool = True) -> None:
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.shuffle = shuffle
+        self.drop_last = drop_last
         self.epoch = 0
         self.skip_batches = 0
 
@@ -37,8 +40,10 @@ class ResumableSampler(Sampler[int]):
 
     @property
     def batches_per_epoch(self) -> int:
-        """Full batches per rank per epoch (the last partial batch is dropped)."""
-        return self.per_rank // self.batch_size
+        """Batches per rank per epoch: the full ones, and the partial last one unless `drop_last`."""
+        if self.drop_last:
+            return self.per_rank // self.batch_size
+        return -(-self.per_rank // self.batch_size)
 
     def _order(self) -> list[int]:
         if self.shuffle:
@@ -55,4 +60,5 @@ class ResumableSampler(Sampler[int]):
         return iter(mine[self.skip_batches * self.batch_size :])
 
     def __len__(self) -> int:
-        return (self.batches_per_epoch - self.skip_batches) * self.batch_size
+        kept = min(self.batches_per_epoch * self.batch_size, self.per_rank)
+        return max(kept - self.skip_batches * self.batch_size, 0)

@@ -280,12 +280,15 @@ def test_gat_predict_runs_the_graph_on_the_decoded_points(edge_bias, slots_per_i
                                                   dtype=torch.float64))
 
 
-def test_dmpr_predict_decodes_directional_points():
-    cfg, model = flat_point_map_model("ps_dmpr")
+@pytest.mark.parametrize("nms_keep, num_points", [("all", 16), ("max_points", 10)])
+def test_dmpr_predict_decodes_directional_points(nms_keep, num_points):
+    # 16 cells, one point at each centre, 0.25 apart: NMS keeps all 16; ps_dmpr (the
+    # original) pairs every survivor, nms_keep max_points only the 10 most confident
+    cfg, model = flat_point_map_model("ps_dmpr", f"model.nms_keep={nms_keep}")
     predictions = model.predict(torch.rand(3, 3, 128, 128))
     assert len(predictions) == 3
     for prediction in predictions:
-        assert prediction.point_xy.shape == (cfg.data.max_points, 2)
+        assert prediction.point_xy.shape == (num_points, 2)
         assert prediction.slot_entrances.shape[1] == 4
 
 

@@ -1,6 +1,7 @@
-"""`ParkingSlotDataset`: ps2.0-layout images and json labels -> the sample dicts of docs/CONTRACTS.md."""
+"""`ParkingSlotDataset`: images and labels in any layout of `psdet.data.labels` -> the sample dicts of docs/CONTRACTS.md."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,12 @@ from psdet.errors import DataError
 BACKBONE_STRIDE = 32  # the target map has image_size / 32 cells a side
 
 
+log = logging.getLogger("psdet")
+
+
 class ParkingSlotDataset(Dataset):
-    """One split of a ps2.0-layout dataset (see `psdet.data.labels` for the layout).
+    """One split of a dataset in the layout `fmt` (json, ps2_mat, psv_mat or auto; see
+    `psdet.data.labels`). `.mat` labels without slots are skipped, as the original skips them.
 
     `__getitem__(i)` returns the sample of docs/CONTRACTS.md (Batch):
         image          uint8 [3, S, S], RGB, S = image_size (`psdet.data.batch.model_input`
@@ -61,6 +66,7 @@ class ParkingSlotDataset(Dataset):
         max_rotation_deg: float = 180.0,
         cache_images: bool = False,
         seed: int = 0,
+        fmt: str = "auto",
     ) -> None:
         self.root = Path(root)
         self.split = split
@@ -73,8 +79,16 @@ class ParkingSlotDataset(Dataset):
         self.cache_images = cache_images
         self.seed = seed
         self.epoch = 0
-        self.files: list[SampleFiles] = list_samples(self.root, split)
-        self.labels: list[ParkingLabel] = [read_label(f.label_path, max_points) for f in self.files]
+        files = list_samples(self.root, split, fmt)
+        labels = [read_label(f.label_path, max_points) for f in files]
+        kept = [i for i, label in enumerate(labels) if label is not None]
+        if len(kept) < len(files):
+            log.info("%s/%s: %d of %d labels have no slots and are skipped", root, split, len(files) - len(kept),
+                     len(files))
+        if not kept:
+            raise DataError(f"{root}: no label of split '{split}' has a slot (images without slots are skipped)")
+        self.files: list[SampleFiles] = [files[i] for i in kept]
+        self.labels: list[ParkingLabel] = [labels[i] for i in kept]
         self._image_cache: dict[int, tuple[np.ndarray, tuple[int, int]]] = {}
 
     def set_epoch(self, epoch: int) -> None:
@@ -147,6 +161,7 @@ def build_dataset(data: DataConfig, split: str, *, train: bool, seed: int) -> Pa
         max_rotation_deg=data.max_rotation_deg,
         cache_images=data.cache_images,
         seed=seed,
+        fmt=data.format,
     )
 
 

@@ -1,9 +1,17 @@
-"""The ps2.0 dataset layout and its json labels: find, read, validate and write them.
+"""The dataset layouts and the json labels: find samples, read, validate and write labels.
 
-Layout (one split shown; splits are `training` and `testing/all`)::
+Three layouts (`data.format`; `auto` tells them apart by ROOT's top-level directories)::
 
-    ROOT/ps_json_label/SPLIT/NAME.json     the label
-    ROOT/SPLIT/NAME.jpg                    the image it describes
+    json     ROOT/ps_json_label/SPLIT/NAME.json  beside  ROOT/SPLIT/NAME.jpg
+             (DMPR-PS's labels for ps2.0; splits `training`, `testing/all`)
+    ps2_mat  ROOT/annotations/SPLIT/NAME.mat     beside  ROOT/SPLIT/NAME.jpg
+             (the official ps2.0 release; splits `training`, `testing/all`)
+    psv_mat  ROOT/annotations/SPLIT/NAME.mat     beside  ROOT/images/SPLIT/NAME.jpg
+             (the PSV dataset; splits `train`, `test`)
+
+`auto`: `ps_json_label/` -> json; else `annotations/` with `images/` -> psv_mat, without
+-> ps2_mat. The `.mat` labels are read by `psdet.data.mat_labels`; whatever the layout,
+a label becomes the same `ParkingLabel`, and nothing downstream knows which it was.
 
 A label is ``{"marks": [[x1, y1, x2, y2, shape], ...], "slots": [[p1, p2, type, angle], ...]}``:
 
@@ -36,10 +44,19 @@ from psdet import userfiles
 from psdet.errors import DataError
 
 LABEL_DIR = "ps_json_label"
+MAT_LABEL_DIR = "annotations"
+PSV_IMAGE_DIR = "images"
 IMAGE_SUFFIX = ".jpg"
 LABEL_SUFFIX = ".json"
+MAT_SUFFIX = ".mat"
 LABEL_KEYS = ("marks", "slots")
 LAYOUT_HINT = "expected the ps2.0 layout ROOT/ps_json_label/SPLIT/NAME.json beside ROOT/SPLIT/NAME.jpg"
+LAYOUT_HINTS = {
+    "json": LAYOUT_HINT,
+    "ps2_mat": "expected the ps2.0 .mat layout ROOT/annotations/SPLIT/NAME.mat beside ROOT/SPLIT/NAME.jpg",
+    "psv_mat": "expected the PSV layout ROOT/annotations/SPLIT/NAME.mat beside ROOT/images/SPLIT/NAME.jpg",
+}
+FORMATS = ("auto", "json", "ps2_mat", "psv_mat")
 
 
 @dataclass(frozen=True)
@@ -76,39 +93,65 @@ class SampleFiles:
 # ----------------------------------------------------------------------------- layout
 
 
-def split_dirs(root: str | Path, split: str) -> tuple[Path, Path]:
-    """(label dir, image dir) of `split` under `root`; DataError when either is missing."""
+def detect_format(root: str | Path, fmt: str = "auto") -> str:
+    """The layout of `root`: `fmt` itself, or for `auto` the one its directories show."""
     root = Path(root)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not root.is_dir():
-        raise DataError(f"{root}: dataset root does not exist; {LAYOUT_HINT}")
-    label_dir = root / LABEL_DIR / split
-    image_dir = root / split
+        raise DataError(f"{root}: dataset root does not exist; {LAYOUT_HINTS['json' if fmt == 'auto' else fmt]}")
+    if fmt != "auto":
+        return fmt
+    if (root / LABEL_DIR).is_dir():
+        return "json"
+    if (root / MAT_LABEL_DIR).is_dir():
+        return "psv_mat" if (root / PSV_IMAGE_DIR).is_dir() else "ps2_mat"
+    raise DataError(f"{root}: neither {LABEL_DIR}/ (json labels) nor {MAT_LABEL_DIR}/ (.mat labels) in the dataset "
+                    f"root; {LAYOUT_HINT}, or ROOT/annotations/SPLIT/NAME.mat (ps2.0 .mat, PSV)")
+
+
+def split_dirs(root: str | Path, split: str, fmt: str = "auto") -> tuple[Path, Path]:
+    """(label dir, image dir) of `split` under `root` in layout `fmt`; DataError when either is missing."""
+    root = Path(root)
+    fmt = detect_format(root, fmt)
+    label_dir = root / (LABEL_DIR if fmt == "json" else MAT_LABEL_DIR) / split
+    image_dir = root / PSV_IMAGE_DIR / split if fmt == "psv_mat" else root / split
     for directory in (label_dir, image_dir):
         if not directory.is_dir():
-            raise DataError(f"{directory}: split directory for '{split}' does not exist; {LAYOUT_HINT}")
+            raise DataError(f"{directory}: split directory for '{split}' does not exist; {LAYOUT_HINTS[fmt]}")
     return label_dir, image_dir
 
 
-def list_samples(root: str | Path, split: str) -> list[SampleFiles]:
+def list_samples(root: str | Path, split: str, fmt: str = "auto") -> list[SampleFiles]:
     """Every label of a split with its image, sorted by name; DataError on a missing image or an empty split."""
-    label_dir, image_dir = split_dirs(root, split)
+    fmt = detect_format(root, fmt)
+    label_dir, image_dir = split_dirs(root, split, fmt)
+    suffix = LABEL_SUFFIX if fmt == "json" else MAT_SUFFIX
     samples = []
-    for label_path in sorted(label_dir.glob("*" + LABEL_SUFFIX)):
+    for label_path in sorted(label_dir.glob("*" + suffix)):
         image_path = image_dir / (label_path.stem + IMAGE_SUFFIX)
         if not image_path.is_file():
             raise DataError(f"{label_path}: no image for this label (expected {image_path})")
         samples.append(SampleFiles(label_path.stem, label_path, image_path))
     if not samples:
-        raise DataError(f"{label_dir}: no *.json labels in split '{split}'; {LAYOUT_HINT}")
+        raise DataError(f"{label_dir}: no *{suffix} labels in split '{split}'; {LAYOUT_HINTS[fmt]}")
     return samples
 
 
 # ----------------------------------------------------------------------------- reading
 
 
-def read_label(path: str | Path, max_points: int | None = None) -> ParkingLabel:
-    """Read and validate one json label; DataError naming the file on any problem."""
+def read_label(path: str | Path, max_points: int | None = None) -> ParkingLabel | None:
+    """Read and validate one label, json or `.mat` (by its suffix); DataError naming the file
+    on any problem. A json label with more than `max_points` marks is an error; a `.mat`
+    label's extra marks are dropped with their slots, and a `.mat` label without slots gives
+    None (the image is skipped), as the original's `.mat` readers do
+    (`psdet.data.mat_labels.read_mat_label`)."""
     path = Path(path)
+    if path.suffix == MAT_SUFFIX:
+        from psdet.data.mat_labels import read_mat_label
+
+        return read_mat_label(path, max_points)
     return parse_label(userfiles.read_json(path, "label", DataError), path, max_points)
 
 
@@ -133,6 +176,14 @@ def parse_label(tree: Any, source: str | Path, max_points: int | None = None) ->
     num_marks = marks.shape[0]
     if max_points is not None and num_marks > max_points:
         raise fail(f"{num_marks} marks, more than data.max_points = {max_points}")
+    check_marks_and_slots(marks, slots, fail)
+    return ParkingLabel(Path(source).stem, marks, slots)
+
+
+def check_marks_and_slots(marks: np.ndarray, slots: np.ndarray, fail) -> None:
+    """Raise `fail(why)` unless every mark's shape is 0 or 1 and every slot joins two
+    different marks by whole 1-based indices in range. marks [N, 5], slots [M, 4]."""
+    num_marks = marks.shape[0]
     bad_shape = np.flatnonzero((marks[:, 4] != 0) & (marks[:, 4] != 1))
     if bad_shape.size:
         raise fail(f"marks[{bad_shape[0]}] has shape {marks[bad_shape[0], 4]:g}; expected 0 (T) or 1 (L)")
@@ -147,7 +198,6 @@ def parse_label(tree: Any, source: str | Path, max_points: int | None = None) ->
         same = np.flatnonzero(indices[:, 0] == indices[:, 1])
         if same.size:
             raise fail(f"slots[{same[0]}] joins mark {int(indices[same[0], 0])} to itself")
-    return ParkingLabel(Path(source).stem, marks, slots)
 
 
 def _rows(value: Any, width: int, key: str, row_form: str, fail) -> np.ndarray:

@@ -48,7 +48,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from psdet.data.labels import IMAGE_SUFFIX, LABEL_DIR, LABEL_SUFFIX, label_json
+from psdet.data.labels import (IMAGE_SUFFIX, LABEL_DIR, LABEL_SUFFIX, MAT_LABEL_DIR, MAT_SUFFIX, PSV_IMAGE_DIR,
+                               label_json)
 from psdet.errors import DataError
 
 IMAGE_SIZE = 600
@@ -57,6 +58,8 @@ ARM_LENGTH = 50.0  # px from a mark to the label's direction point
 MAX_MARKS = 10
 JPEG_QUALITY = 92
 SPLITS = (("training", "train"), ("testing/all", "test"))  # (directory, name prefix)
+PSV_SPLITS = (("train", "train"), ("test", "test"))
+LABEL_FORMATS = ("json", "ps2_mat", "psv_mat")
 
 _PIXEL_CENTRES = np.arange(IMAGE_SIZE, dtype=np.float32) + 0.5
 _PERPENDICULAR, _PARALLEL, _SLANTED = 0, 1, 2
@@ -83,8 +86,32 @@ class SlotRow:
 # ----------------------------------------------------------------------------- public
 
 
-def generate(out_dir: str | Path, n_train: int, n_val: int, seed: int, progress: bool = True) -> dict:
-    """Render `n_train` training and `n_val` test images with labels into the ps2.0 layout.
+def _layout(root: Path, fmt: str, split: str) -> tuple[Path, Path, str]:
+    """(label dir, image dir, label suffix) of `split` in layout `fmt` (psdet.data.labels)."""
+    if fmt == "json":
+        return root / LABEL_DIR / split, root / split, LABEL_SUFFIX
+    image_dir = root / PSV_IMAGE_DIR / split if fmt == "psv_mat" else root / split
+    return root / MAT_LABEL_DIR / split, image_dir, MAT_SUFFIX
+
+
+def write_mat_label(path: Path, marks: np.ndarray, slots: np.ndarray, decimals: int = 2) -> None:
+    """A `.mat` label (psdet.data.mat_labels): marks [N, 5], slots [M, 4], rounded as
+    `label_json` rounds them (so both layouts hold the same label), written to a temporary
+    file and renamed into place."""
+    from scipy.io import savemat
+
+    tmp = path.with_name(f".tmp-{path.name}")
+    savemat(str(tmp), {"marks": np.round(np.asarray(marks, dtype=np.float64).reshape(-1, 5), decimals),
+                       "slots": np.round(np.asarray(slots, dtype=np.float64).reshape(-1, 4), decimals)})
+    tmp.replace(path)
+
+
+def generate(out_dir: str | Path, n_train: int, n_val: int, seed: int, progress: bool = True,
+             fmt: str = "json") -> dict:
+    """Render `n_train` training and `n_val` test images with labels into the layout `fmt`:
+    `json` (ps2.0 with DMPR-PS's json labels), `ps2_mat` (ps2.0's own `.mat` labels, under
+    annotations/) or `psv_mat` (the PSV dataset's, splits train and test, images under
+    images/). `.mat` marks carry all five columns (x1, y1, x2, y2, shape).
 
     Images are named ``train_000000`` ... and ``test_000000`` .... Rerunning with the same
     arguments rewrites the same files; a split directory holding labels of any other name
@@ -93,20 +120,23 @@ def generate(out_dir: str | Path, n_train: int, n_val: int, seed: int, progress:
     """
     if n_train < 0 or n_val < 0:
         raise ValueError(f"image counts must be >= 0, got n_train={n_train}, n_val={n_val}")
+    if fmt not in LABEL_FORMATS:
+        raise ValueError(f"unknown label format {fmt!r}; choose one of {', '.join(LABEL_FORMATS)}")
     root = Path(out_dir)
     jobs, directories = [], []
-    for split_code, ((split, prefix), count) in enumerate(zip(SPLITS, (n_train, n_val))):
-        label_dir, image_dir = root / LABEL_DIR / split, root / split
+    for split_code, ((split, prefix), count) in enumerate(zip(PSV_SPLITS if fmt == "psv_mat" else SPLITS,
+                                                               (n_train, n_val))):
+        label_dir, image_dir, suffix = _layout(root, fmt, split)
         names = [f"{prefix}_{i:06d}" for i in range(count)]
-        existing = {p.stem for p in label_dir.glob("*" + LABEL_SUFFIX)} if label_dir.is_dir() else set()
+        existing = {p.stem for p in label_dir.glob("*" + suffix)} if label_dir.is_dir() else set()
         foreign = sorted(existing - set(names))
         if foreign:
             raise DataError(
                 f"{label_dir}: already holds {len(foreign)} label(s) this run would not write "
-                f"(e.g. {foreign[0]}{LABEL_SUFFIX}); choose an empty output directory"
+                f"(e.g. {foreign[0]}{suffix}); choose an empty output directory"
             )
         jobs += [
-            (split_code, i, label_dir / (name + LABEL_SUFFIX), image_dir / (name + IMAGE_SUFFIX))
+            (split_code, i, label_dir / (name + suffix), image_dir / (name + IMAGE_SUFFIX))
             for i, name in enumerate(names)
         ]
         directories += [label_dir, image_dir]
@@ -120,7 +150,10 @@ def generate(out_dir: str | Path, n_train: int, n_val: int, seed: int, progress:
         rng = np.random.default_rng(np.random.SeedSequence([seed % 2**64, split_code, index]))
         image, marks, slots = render_lot(rng)
         Image.fromarray(image).save(image_path, format="JPEG", quality=JPEG_QUALITY)
-        label_path.write_text(label_json(marks, slots))
+        if fmt == "json":
+            label_path.write_text(label_json(marks, slots))
+        else:
+            write_mat_label(label_path, marks, slots)
         total_marks += len(marks)
         total_slots += len(slots)
         if progress and (done % report_every == 0 or done == len(jobs)):

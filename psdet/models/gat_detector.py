@@ -72,11 +72,40 @@ class GatDetector(nn.Module):
     @torch.no_grad()
     def predict(self, image: Tensor) -> list[ImagePrediction]:
         """image [B, 3, S, S] -> one ImagePrediction per image: decoded points (padded to
-        max_points with zeros), the graph on them, slots where sigmoid(edge logit) > edge_thresh.
-        Call in eval mode."""
+        max_points with zeros), the graph on them, slots where sigmoid(edge logit) > edge_thresh,
+        scored as `model.slot_score` says. Call in eval mode.
+
+        With `model.nms_keep: all` an image may have more than max_points points: its graph
+        then runs on exactly its own points, unpadded, as the original's did; every other
+        image's graph still has max_points nodes (pads included in the attention), so no
+        image's edges depend on what else is in the batch.
+        """
         if self.training:
             raise RuntimeError("call model.eval() before predict: BatchNorm and dropout are in training mode")
         outputs = self(image)
+        descriptor_map = outputs["descriptor_map"]
         points = decode_point_map(outputs["point_map"], self.cfg, self.max_points)
-        edge_scores = torch.sigmoid(self.edge_logits(outputs["descriptor_map"], points.xy).float())
-        return slots_from_edges(edge_scores, points, self.cfg.edge_thresh)
+        num_points = points.xy.shape[1]
+        if num_points == self.max_points:
+            edge_scores = torch.sigmoid(self.edge_logits(descriptor_map, points.xy).float())
+        else:
+            edge_scores = self._edge_scores_by_graph_size(descriptor_map, points)
+        return slots_from_edges(edge_scores, points, self.cfg.edge_thresh, self.cfg.slot_score)
+
+    def _edge_scores_by_graph_size(self, descriptor_map: Tensor, points) -> Tensor:
+        """Edge probabilities [B, P', P'] when P' > max_points: images with at most max_points
+        points share one max_points-node graph; each larger one runs alone on its own points.
+        Entries outside an image's graph are 0 (its points there are padding)."""
+        batch, num_points = points.valid.shape
+        counts = points.valid.sum(dim=1).tolist()
+        edge_scores = torch.zeros(batch, num_points, num_points, device=descriptor_map.device)
+        small = [b for b, count in enumerate(counts) if count <= self.max_points]
+        if small:
+            index = torch.tensor(small, device=descriptor_map.device)
+            logits = self.edge_logits(descriptor_map[index], points.xy[index, : self.max_points])
+            edge_scores[index, : self.max_points, : self.max_points] = torch.sigmoid(logits.float())
+        for b, count in enumerate(counts):
+            if count > self.max_points:
+                logits = self.edge_logits(descriptor_map[b : b + 1], points.xy[b : b + 1, :count])
+                edge_scores[b, :count, :count] = torch.sigmoid(logits[0].float())
+        return edge_scores
