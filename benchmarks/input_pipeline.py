@@ -4,7 +4,7 @@ jittered in the DataLoader workers (the reference, how psdet loaded data before)
     python benchmarks/input_pipeline.py [--small] [--device cpu|cuda] [--workers 4 12] [--data DIR]
 
 Both variants read the same ps2.0-layout training split through the same
-`ParkingSlotDataset` (ps_gat's data settings: 512x512, rotation, colour jitter 0.1):
+`ParkingSlotDataset` (ps_gat's data settings, 512x512, colour jitter 0.1, with rotation on):
 the workers decode, resize and rotate. Then:
 - reference: each worker converts its sample to float32 and jitters it with the
   per-image numpy reference of psdet/testing/reference_augment.py (the code psdet's workers ran
@@ -111,7 +111,8 @@ def main() -> None:
         root = Path(args.data) if args.data else Path(tmp)
         if not args.data:
             synth.generate(root, images, 1, seed=0, progress=False)
-        cfg = load_config("ps_gat", [f"data.root={root}", f"data.image_size={image_size}"])
+        # ps_gat follows the original (no rotation); the loader is measured with it on, its heaviest work
+        cfg = load_config("ps_gat", [f"data.root={root}", f"data.image_size={image_size}", "data.rotate=true"])
         dataset = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=0)
         dataset = Subset(dataset, range(min(images, len(dataset))))
         variants = {"reference": (WorkerJitter(dataset), None, reference_input),

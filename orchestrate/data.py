@@ -54,8 +54,15 @@ def ensure_synthetic(synth: SyntheticData, root: Path | None = None) -> tuple[Pa
 
 
 def check_dataset(root: str | Path) -> Path:
-    """A user-given dataset root must look like the ps2.0 layout; DataError otherwise."""
+    """A user-given dataset root must be in one of the layouts psdet reads (json labels,
+    ps2.0 .mat, PSV .mat: psdet.data.labels.detect_format); DataError naming it otherwise."""
+    from psdet.data.labels import detect_format
+
     root = Path(root).expanduser().resolve()
-    if not (root / LABEL_DIR).is_dir():
-        raise DataError(f"--data {root}: not a ps2.0-layout dataset (no {LABEL_DIR}/ directory)")
+    if not root.is_dir():
+        raise DataError(f"--data {root}: no such dataset directory")
+    try:
+        detect_format(root)
+    except DataError as exc:
+        raise DataError(f"--data {exc}") from None
     return root
