@@ -280,18 +280,54 @@ def _tune_ids(study: optuna.Study) -> dict[int, str]:
     return {t.number: t.user_attrs.get(TUNE_TRIAL_ID, str(t.number)) for t in study.get_trials(deepcopy=False)}
 
 
+def _multi_objective(records: SweepRecords) -> bool:
+    return records.study is not None and len(records.study.directions) > 1
+
+
+def _first_objective(trial: FrozenTrial) -> float:
+    """What the single-objective plots draw for a multi-objective study: its first objective."""
+    return trial.values[0]
+
+
+def pareto_section(records: SweepRecords) -> Section:
+    """A multi-objective sweep's completed trials in objective space, the front highlighted."""
+    title = "Pareto front"
+    study = records.study
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return Section(title, "No completed trial yet: there is no front to draw.")
+    names = [name for name, _ in records.spec.objectives]
+    shown = names[:3]  # Optuna draws two or three objectives
+    figure = optuna.visualization.plot_pareto_front(
+        study, targets=lambda trial: tuple(trial.values[:3]), target_names=shown)
+    note = (f"Optuna's plot_pareto_front over the {len(complete)} completed trials: "
+            f"{', '.join(f'{name} ({mode})' for name, mode in records.spec.objectives)}; the front "
+            "(pareto_rank 0 in results.parquet) in the darker colour. Pruned trials have no final values.")
+    if len(names) > 3:
+        note += f" Only the first three objectives are drawn ({', '.join(names[3:])} left out)."
+    baseline = next((t for t in complete if t.user_attrs.get("baseline")), None)
+    if baseline is not None and len(shown) == 2:
+        figure.add_trace(go.Scatter(x=[baseline.values[0]], y=[baseline.values[1]], mode="markers", name="baseline",
+                                    marker={"symbol": "star", "size": 16, "color": "crimson"}))
+        note += f" The star is the baseline (Optuna trial {baseline.number})."
+    return Section(title, note, figure)
+
+
 def history_section(records: SweepRecords) -> Section:
     title = "Optimization history"
     study = records.study
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))] if study else []
     if not complete:
         return Section(title, "No completed trial yet: Optuna's optimization history has nothing to draw.")
-    figure = optuna.visualization.plot_optimization_history(study, target_name=records.metric)
+    multi = _multi_objective(records)
+    figure = optuna.visualization.plot_optimization_history(
+        study, target=_first_objective if multi else None, target_name=records.metric)
     baseline = next((t for t in complete if t.user_attrs.get("baseline")), None)
-    note = (f"Optuna's plot_optimization_history over the {len(complete)} completed trials (final {records.metric}; "
-            "pruned trials have no final value).")
+    note = (f"Optuna's plot_optimization_history over the {len(complete)} completed trials (final {records.metric}"
+            f"{', the first objective' if multi else ''}; pruned trials have no final value).")
     if baseline is not None:
-        figure.add_trace(go.Scatter(x=[baseline.number], y=[baseline.value], mode="markers", name="baseline",
+        value = baseline.values[0] if multi else baseline.value
+        figure.add_trace(go.Scatter(x=[baseline.number], y=[value], mode="markers", name="baseline",
                                     marker={"symbol": "star", "size": 16, "color": "crimson"}))
         note += f" The star is the baseline (Optuna trial {baseline.number})."
     else:
@@ -304,6 +340,9 @@ def learning_curve_section(records: SweepRecords) -> Section:
     pruned trials dotted, ASHA's rungs as vertical lines."""
     title = f"Learning curves: {records.metric} per epoch"
     study = records.study
+    if _multi_objective(records):
+        return Section(title, "An Optuna multi-objective study keeps no per-epoch values (Optuna cannot prune one); "
+                              f"MO-ASHA ranked the trials on Tune's results, drawn below as {SLOT_AP} per epoch.")
     if study is None or not any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
         return Section(title, "No trial has reported an epoch yet.")
     figure = optuna.visualization.plot_intermediate_values(study)
@@ -393,17 +432,19 @@ def importance_section(records: SweepRecords) -> Section:
     # PED-ANOVA (scipy) rather than fANOVA, which needs scikit-learn; it warns about regimes
     # with few trials, which the note below says for every small sweep.
     evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+    multi = _multi_objective(records)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            figure = optuna.visualization.plot_param_importances(study, evaluator=evaluator,
-                                                                 target_name=records.metric)
+            figure = optuna.visualization.plot_param_importances(
+                study, evaluator=evaluator, target=_first_objective if multi else None, target_name=records.metric)
     except (ValueError, RuntimeError) as exc:  # e.g. no parameter common to every completed trial
         return Section(title, f"Not computed: Optuna's PED-ANOVA evaluator declined: {exc}")
     if not figure.data:
         return Section(title, "Not computed: no parameter takes more than one value across the completed trials.")
     return Section(title, f"Optuna's PED-ANOVA (PedAnovaImportanceEvaluator, default quantiles) on the "
-                          f"{len(complete)} completed trials only, for final {records.metric}. "
+                          f"{len(complete)} completed trials only, for final {records.metric}"
+                          f"{' (the first objective)' if multi else ''}. "
                           f"{'With this few trials the shares are rough.' if len(complete) < 20 else ''}", figure)
 
 
@@ -605,8 +646,9 @@ th { cursor: pointer; background: #f4f4f4; } tr.pruned td { color: #777; } tr.er
 
 
 def build_sections(records: SweepRecords) -> list[Section]:
-    sections = [history_section(records), learning_curve_section(records)]
-    if records.metric != SLOT_AP:
+    multi = _multi_objective(records)
+    sections = [*([pareto_section(records)] if multi else []), history_section(records), learning_curve_section(records)]
+    if records.metric != SLOT_AP or multi:
         sections.append(slot_ap_section(records))
     sections += [parallel_section(records), importance_section(records), schedule_section(records),
                  prediction_section(records),

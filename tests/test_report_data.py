@@ -187,3 +187,71 @@ def test_the_page_holds_the_figures_it_claims_and_a_sortable_leaderboard(tmp_pat
     table = page[page.index("<table id='leaderboard'>"):]
     assert table.count("<tr class=") == 2 and "onclick='sortBy(this)'" in table
     assert "No finished trial with a checkpoint yet." in page
+
+
+PARETO = REPO / "search_spaces" / "pareto.yaml"
+
+
+def make_pareto_experiment(root: Path) -> Path:
+    """A 'pareto' sweep (slot AP max, latency min): the baseline and three others completed
+    (two on the front with the baseline dominated by one of them), one pruned."""
+    from optuna.distributions import IntDistribution
+
+    experiment = root / "pareto"
+    experiment.mkdir(parents=True)
+    (experiment / "sweep.json").write_text(json.dumps({
+        "name": "pareto", "experiment": str(experiment), "space_path": str(PARETO), "space_text": PARETO.read_text(),
+        "data_root": str(root / "no-data"), "synthetic": True, "optuna_storage": str(experiment / "optuna.journal"),
+        "created": "2026-01-01 12:00:00"}))
+    distributions = {"model.depth_factor": IntDistribution(2, 8, step=2),
+                     "data.image_size": IntDistribution(128, 320, step=64),
+                     "optim.lr": FloatDistribution(1e-3, 1e-2, log=True)}
+    points = [("base0001", (4, 256, 0.003), (0.50, 40.0), True), ("fast0001", (2, 128, 0.004), (0.40, 10.0), False),
+              ("good0001", (4, 256, 0.006), (0.60, 39.0), False), ("slow0001", (8, 320, 0.002), (0.45, 90.0), False)]
+    trials, ledger = [], {}
+    for number, (tid, (width, size, lr), (ap, latency), baseline) in enumerate(points):
+        params = {"model.depth_factor": width, "data.image_size": size, "optim.lr": lr}
+        trials.append(FrozenTrial(
+            number=number, state=TrialState.COMPLETE, value=None, values=[ap, latency],
+            datetime_start=T0 + dt.timedelta(seconds=10 * number), datetime_complete=T0 + dt.timedelta(seconds=10 * number + 9),
+            params=params, distributions=distributions,
+            user_attrs={"tune_trial_id": tid, **({"baseline": True} if baseline else {})}, system_attrs={},
+            intermediate_values={}, trial_id=number))
+        final = {"epoch": 8, "slot_ap": ap, "latency_ms": latency, "point_ap": ap, "step": 16}
+        ledger[tid] = {**record(tid, "completed", params, 8, ap, baseline=baseline), "final": final, "best": final,
+                       "total_epochs": 8}
+    params = {"model.depth_factor": 6, "data.image_size": 192, "optim.lr": 0.009}
+    trials.append(FrozenTrial(number=4, state=TrialState.PRUNED, value=None, values=None, datetime_start=T0,
+                              datetime_complete=T0 + dt.timedelta(seconds=50), params=params,
+                              distributions=distributions, user_attrs={"tune_trial_id": "prun0001"}, system_attrs={},
+                              intermediate_values={}, trial_id=4))
+    pruned = {"epoch": 3, "slot_ap": 0.05, "latency_ms": 50.0, "point_ap": 0.1, "step": 6}
+    ledger["prun0001"] = {**record("prun0001", "pruned", params, 3, 0.1), "final": pruned, "best": pruned,
+                          "total_epochs": 8}
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(experiment / "optuna.journal")))
+    optuna.create_study(study_name="pareto", storage=storage, directions=["maximize", "minimize"]).add_trials(trials)
+    (experiment / "trials.json").write_text(json.dumps(ledger))
+    for tid, rec in ledger.items():
+        lines = [json.dumps({"epoch": e, "step": 2 * e, "slot_ap": rec["final"]["slot_ap"] * e / rec["epochs"],
+                             "latency_ms": rec["final"]["latency_ms"]}) for e in range(1, rec["epochs"] + 1)]
+        (experiment / f"trial_{tid}").mkdir()
+        (experiment / f"trial_{tid}" / "result.json").write_text("\n".join(lines) + "\n")
+    return experiment
+
+
+def test_a_multi_objective_sweep_draws_its_pareto_front_with_the_baseline(tmp_path):
+    records = report.load_records(str(make_pareto_experiment(tmp_path)))
+    sections = {section.title: section for section in report.build_sections(records)}
+    front = sections["Pareto front"]
+    assert front.figure is not None and "slot_ap (max), latency_ms (min)" in front.note
+    drawn = {(round(x, 3), round(y, 3)) for trace in front.figure.data if trace.name != "baseline"
+             for x, y in zip(trace.x, trace.y)}
+    assert drawn == {(0.5, 40.0), (0.4, 10.0), (0.6, 39.0), (0.45, 90.0)}  # the four completed, not the pruned
+    (star,) = [trace for trace in front.figure.data if trace.name == "baseline"]
+    assert (star.x[0], star.y[0]) == (0.5, 40.0)
+    assert sections["Optimization history"].figure is not None  # on the first objective
+    assert "keeps no per-epoch values" in sections["Learning curves: slot_ap per epoch"].note
+    assert sections["Learning curves: slot AP per epoch"].figure is not None  # from Tune's result.json
+    page = report.render(records)
+    declared = int(re.search(r"name='psdet-figures' content='(\d+)'", page)[1])
+    assert declared == sum(section.figure is not None for section in sections.values()) and declared >= 4
