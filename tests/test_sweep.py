@@ -206,7 +206,7 @@ def test_worker_killed_mid_trial_resumes_exactly(ray_cluster, env, tmp_path, wor
     assert killed["status"] == clean["status"] == "completed"
     assert (killed["restarts"], killed["worker_restarts"]) == (1, 1)
     assert (clean["restarts"], clean["worker_restarts"]) == (0, 0)
-    timings = ("final_images_per_s", "final_train_s", "final_eval_s")
+    timings = ("final_images_per_s", "final_train_s", "final_eval_s", "final_latency_ms")
     same = [key for key in killed if key.startswith("final_") and key not in (*timings, "final_restarts")]
     assert len(same) >= 10
     assert {key: killed[key] for key in same} == {key: clean[key] for key in same}  # bit for bit
