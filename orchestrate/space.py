@@ -88,6 +88,10 @@ class Experiment:
     # Several objectives, {metric: max|min} in file order (then `metric`/`mode` are the first).
     objectives: tuple[tuple[str, str], ...] = ()
     budget: Budget = field(default_factory=Budget)
+    # A pretrained psdet (or `psdet convert`ed) checkpoint every trial starts from
+    # (train.init_from: its model weights, weights_only, a fresh optimizer); a path relative
+    # to the space file or the working directory, on storage every node sees.
+    init_from: str = ""
 
 
 @dataclass(frozen=True)
@@ -280,8 +284,15 @@ def load_space(path: str | Path) -> SweepSpec:
     _check_ranges(where, experiment, scheduler, resources, fault_tolerance)
     _check_sampler(where, sampler)
 
+    if experiment.init_from:
+        overrides = {**overrides, "train.init_from": _init_from_path(where, path, experiment, overrides)}
     base_tree = _base_tree(where, path, experiment.base_config, overrides)
     search = _parse_search(where, raw["search"], overrides, base_tree)
+    if experiment.init_from:
+        architecture = [p.key for p in search if p.key.startswith("model.") or p.key == "data.max_points"]
+        if architecture:
+            raise ConfigError(f"{where}: 'experiment.init_from': a pretrained checkpoint fits one architecture, "
+                              f"but '{architecture[0]}' is searched; search the training recipe only")
     spec = SweepSpec(
         path=where,
         name=experiment.name or path.stem,
@@ -408,6 +419,32 @@ _PREFIX = re.compile(r"^(override|\S+\.ya?ml): ")
 def _strip_source(message: str) -> str:
     """Drop the 'override: ' / 'path.yaml: ' prefix of a psdet.config error we re-attribute."""
     return _PREFIX.sub("", message, count=1)
+
+
+def _init_from_path(where: str, space_path: Path, experiment: Experiment, overrides: dict) -> str:
+    """`experiment.init_from` as an absolute path (beside the space file, else from the
+    working directory); ConfigError when it is not there or overrides set it as well."""
+    if "train.init_from" in overrides:
+        raise ConfigError(f"{where}: set 'experiment.init_from' or the override 'train.init_from', not both")
+    given = Path(experiment.init_from).expanduser()
+    for candidate in ([given] if given.is_absolute() else [space_path.parent / given, given]):
+        if candidate.exists():
+            return str(candidate.resolve())
+    raise ConfigError(f"{where}: 'experiment.init_from': no checkpoint at {experiment.init_from}")
+
+
+def check_init_from(spec: SweepSpec) -> None:
+    """Before any trial starts: the sweep's pretrained checkpoint loads (weights_only) into
+    the base config's model; CheckpointError naming it and the space otherwise."""
+    init_from = spec.base_tree["train"].get("init_from")
+    if not init_from:
+        return
+    from psdet.checkpoint import load_model_weights
+    from psdet.models import build_model
+
+    cfg = config_from_dict(copy.deepcopy(spec.base_tree), source=spec.path)
+    load_model_weights(build_model(cfg.model, cfg.data.max_points), Path(init_from),
+                       f"the base config of {spec.path} ('{cfg.name}')")
 
 
 def _base_tree(where: str, space_path: Path, base_config: str, overrides: dict) -> dict:

@@ -32,7 +32,7 @@ import time
 
 from orchestrate import ray_env, storage, sweep_file
 from orchestrate.data import check_dataset, ensure_synthetic
-from orchestrate.space import SweepSpec, SyntheticData, load_space
+from orchestrate.space import SweepSpec, SyntheticData, check_init_from, load_space
 from psdet.errors import ConfigError, UserError
 
 EXIT_USER_ERROR = 2
@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--warm-start seeds a new sweep; --resume continues one with the history it has: drop one")
     warm = _warm_start(args.warm_start, spec) if args.warm_start else ()
 
+    check_init_from(spec)  # a pretrained checkpoint that does not fit fails here, before Ray starts
     address = ray_env.address(args.address)
     ray_env.prepare(address)
     # Ray reads its environment when it is imported, so the modules that import it come after prepare().

@@ -409,3 +409,71 @@ def test_placement_caps_concurrency_to_what_fits_and_refuses_a_local_ray_that_fi
     assert use_gpu(auto, [{"CPU": 8.0}]) is False and capsys.readouterr().out == ""
     assert use_gpu(auto, [{"CPU": 8.0, "GPU": 1.0}]) is False  # two workers, one GPU: on CPU, and said so
     assert "use_gpu auto: a trial needs 2 GPU(s) and the cluster has 1" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- fine-tuning sweeps
+
+
+def _pretrained(root: Path, *overrides: str) -> Path:
+    """A psdet checkpoint of an untrained ps_gat_tiny (with `overrides`), as `psdet train` writes one."""
+    from psdet import checkpoint as ckpt
+    from psdet.config import dump_yaml, load_config
+    from psdet.models import build_model
+
+    cfg = load_config("ps_gat_tiny", list(overrides))
+    model = build_model(cfg.model, cfg.data.max_points)
+    return ckpt.save_checkpoint(root, ckpt.Position(1, 10, 0), {"model": model.state_dict()}, dump_yaml(cfg), {})
+
+
+def _smoke_with(path: Path, **experiment) -> Path:
+    import yaml
+
+    space = yaml.safe_load(SMOKE_SPACE.read_text())
+    space["experiment"].update(experiment)
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+SMOKE_SPACE = REPO / "search_spaces" / "smoke.yaml"
+
+
+def test_init_from_starts_every_trial_from_the_pretrained_weights(tmp_path):
+    from orchestrate.space import check_init_from
+
+    pretrained = _pretrained(tmp_path / "pre")
+    spec = load_space(_smoke_with(tmp_path / "space.yaml", init_from=str(pretrained.relative_to(tmp_path))))
+    assert spec.base_tree["train"]["init_from"] == str(pretrained.resolve())  # beside the space file
+    check_init_from(spec)  # fits the base config's model
+    assert trial_config(spec, {"optim.lr": 0.001, "optim.warmup": "none"}).train.init_from == str(pretrained.resolve())
+
+
+def test_init_from_that_does_not_fit_is_refused_before_ray_starts(tmp_path, capsys):
+    wider = _pretrained(tmp_path / "pre", "model.depth_factor=8")
+    space = _smoke_with(tmp_path / "space.yaml", init_from=str(wider))
+    assert main(["--space", str(space), "--dry-run", "--address", "127.0.0.1:1"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert str(wider) in line and "does not fit the base config of" in line and "size mismatch" in line, line
+
+
+@pytest.mark.parametrize("experiment, message", [
+    ({"init_from": "no/such/ckpt"}, "'experiment.init_from': no checkpoint at no/such/ckpt"),
+    ({"init_from": "PRE", "overrides": {"train.init_from": "x", "train.epochs": 3}}, "not both"),
+])
+def test_init_from_mistakes_name_the_key(tmp_path, experiment, message):
+    pretrained = _pretrained(tmp_path / "pre")
+    experiment = {key: (str(pretrained) if value == "PRE" else value) for key, value in experiment.items()}
+    with pytest.raises(ConfigError, match=message):
+        load_space(_smoke_with(tmp_path / "space.yaml", **experiment))
+
+
+def test_init_from_refuses_a_searched_architecture_key(tmp_path):
+    import yaml
+
+    pretrained = _pretrained(tmp_path / "pre")
+    space = yaml.safe_load(SMOKE_SPACE.read_text())
+    space["experiment"]["init_from"] = str(pretrained)
+    space["search"]["model.depth_factor"] = {"type": "choice", "values": [2, 4]}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    with pytest.raises(ConfigError, match="fits one architecture, but 'model.depth_factor' is searched"):
+        load_space(path)
