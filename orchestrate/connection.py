@@ -22,9 +22,13 @@ def connect(address: str | None) -> str:
     Worker output stays in the trial directories (train.log) and Ray's session logs:
     the console gets one line per trial event instead of every worker's log. RAY_TRAIN_*
     variables set for this command (e.g. RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) reach
-    the trials, whose trainers read them.
+    the trials, whose trainers read them; Train state tracking is on unless one says
+    otherwise. A submitted job's runtime env is the job's own: pass it there.
     """
-    env_vars = {key: value for key, value in os.environ.items() if key.startswith("RAY_TRAIN_")}
+    # Train state tracking on by default, so the dashboard's Train page lists each trial's runs
+    # and workers (Ray 2.60 leaves it off); RAY_TRAIN_ENABLE_STATE_TRACKING=0 turns it off.
+    env_vars = {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
+                **{key: value for key, value in os.environ.items() if key.startswith("RAY_TRAIN_")}}
     if address:
         if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ or "://" in address or address == "auto":
             runtime_env = None  # a submitted job (or Ray Client) already has its runtime env
