@@ -27,26 +27,33 @@ JOURNAL_MAX_BYTES = 1 << 30  # read whole to check it: a journal of thousands of
 KEYS = ("name", "experiment", "space_text", "data_root", "synthetic", "optuna_storage")
 
 
-def read(experiment: str) -> dict[str, Any] | None:
-    """The sweep.json of `experiment`, or None when no sweep was started there; a UserError
-    naming the file when it cannot be read back."""
-    uri = storage.join(experiment, SWEEP_FILE)
+def _read_json(uri: str, what: str) -> Any | None:
+    """The JSON at `uri` (local or remote), None when there is none; a UserError naming it
+    when it cannot be read back."""
     local = storage.local_path(uri)
     if local is not None:
         if not local.exists() and not local.is_symlink():
             return None
-        saved = userfiles.read_json(local, "sweep record", UserError)
-    elif storage.exists(uri):
-        try:
-            saved = json.loads(storage.read_bytes(uri))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise UserError(f"{uri}: cannot read the sweep record: {' '.join(str(exc).split())}") from None
-    else:
+        return userfiles.read_json(local, what, UserError)
+    if not storage.exists(uri):
+        return None
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise UserError(f"{uri}: cannot read the {what}: {' '.join(str(exc).split())}") from None
+
+
+def read(experiment: str) -> dict[str, Any] | None:
+    """The sweep.json of `experiment`, or None when no sweep was started there; a UserError
+    naming the file when it cannot be read back."""
+    uri = storage.join(experiment, SWEEP_FILE)
+    saved = _read_json(uri, "sweep record")
+    if saved is None:
         return None
     missing = [key for key in KEYS if key not in saved] if isinstance(saved, dict) else list(KEYS)
     if missing:
-        raise UserError(f"{local or uri}: not a sweep record (no '{missing[0]}'); it was written by another "
-                        "tool or damaged: start the sweep under a new --name")
+        raise UserError(f"{storage.local_path(uri) or uri}: not a sweep record (no '{missing[0]}'); it was written "
+                        "by another tool or damaged: start the sweep under a new --name")
     return saved
 
 
@@ -54,18 +61,11 @@ def read_ledger(experiment: str) -> dict[str, dict[str, Any]]:
     """The sweep's ledger (`trials.json`: trial id -> record), {} before its first trial; a
     UserError naming the file when it cannot be read back."""
     uri = storage.join(experiment, LEDGER)
-    local = storage.local_path(uri)
-    if local is not None:
-        records = userfiles.read_json(local, "trial ledger", UserError) if local.exists() or local.is_symlink() else {}
-    elif storage.exists(uri):
-        try:
-            records = json.loads(storage.read_bytes(uri))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise UserError(f"{uri}: cannot read the trial ledger: {' '.join(str(exc).split())}") from None
-    else:
-        records = {}
+    records = _read_json(uri, "trial ledger")
+    if records is None:
+        return {}
     if not isinstance(records, dict) or not all(isinstance(record, dict) for record in records.values()):
-        raise UserError(f"{local or uri}: not a trial ledger (a JSON object of trial records)")
+        raise UserError(f"{storage.local_path(uri) or uri}: not a trial ledger (a JSON object of trial records)")
     return records
 
 
