@@ -309,7 +309,7 @@ def _train_epochs(run: Run, data: _Data, checkpoints: _Checkpoints, hooks: list[
                 if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0 and done < run.steps_per_epoch:
                     run.position = ckpt.Position(epoch, step, done)
                     checkpoints.save(run, {}, hooks)
-                if done < run.steps_per_epoch and notice.requested(run.ctx):
+                if done < run.steps_per_epoch and notice.requested(run.ctx, step, cfg.train.log_interval):
                     run.position = ckpt.Position(epoch, step, done)
                     raise Preempted(checkpoints.save(run, {}, hooks), step)
         elapsed = time.perf_counter() - started

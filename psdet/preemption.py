@@ -3,9 +3,9 @@ batch scheduler at the end of a job's time all send one some seconds (30 s to 2 
 clouds) before the kill.
 
 While `PreemptionNotice` is active, SIGTERM only raises a flag. The engine asks
-`notice.requested(ctx)` after every step; every rank answers the same (the flag is
-all-reduced when distributed, so ranks that got the signal at different steps still stop
-together), the engine writes a checkpoint at that step and raises `Preempted`, and
+`notice.requested(ctx, step, every)` after every step; every rank answers the same (the
+flag is all-reduced when distributed, every `train.log_interval` steps, so ranks that got
+the signal at different steps still stop together), the engine writes a checkpoint at that step and raises `Preempted`, and
 `--resume` (or the next attempt of a Ray trial) continues from it with no step lost.
 
 A handler can only be installed from the main thread; elsewhere (a Ray Train or Tune
@@ -63,12 +63,17 @@ class PreemptionNotice:
             log.warning("SIGTERM: a preemption notice; stopping after this step with a checkpoint")
         self.received = True
 
-    def requested(self, ctx: "DistContext") -> bool:
-        """Whether any rank has the notice (all ranks must call this at the same step)."""
+    def requested(self, ctx: "DistContext", step: int = 0, every: int = 1) -> bool:
+        """Whether any rank has the notice (all ranks must call this at the same step).
+        Distributed, the ranks agree by an all-reduce and a host sync, so only at steps that
+        are a multiple of `every` (the loop's log interval, where it syncs anyway); alone,
+        the flag is read at every call."""
         if not self.active:  # the same on every rank of a run: all in main threads, or none
             return False
         if not ctx.distributed:
             return self.received
+        if step % max(every, 1):
+            return False
         import torch
 
         flag = torch.tensor([1.0 if self.received else 0.0], device=ctx.device)

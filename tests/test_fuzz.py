@@ -371,6 +371,12 @@ def started_sweep(world_dir):
     return space, experiment
 
 
+def _resume_argv(space: Path, experiment: Path) -> list[str]:
+    """`tune.py --resume` of the started sweep, at an address with nothing behind it: a check
+    that lets a broken file through fails on connecting, not on the file."""
+    return ["--space", str(space), "--storage", str(experiment.parent), "--resume", "--address", "127.0.0.1:1"]
+
+
 RESUME_FILES = {"sweep.json": JSON_BREAKS, "optuna.journal": {**TEXT_BREAKS, "huge": _huge_json},
                 "trials.json": JSON_BREAKS}
 
@@ -382,7 +388,7 @@ def test_every_break_of_a_sweep_file_on_resume(started_sweep, which):
     space, experiment = started_sweep
     target = experiment / which
     good = target.read_bytes()
-    argv = ["--space", str(space), "--storage", str(experiment.parent), "--resume", "--address", "127.0.0.1:1"]
+    argv = _resume_argv(space, experiment)
     for name, brk in RESUME_FILES[which].items():
         if target.is_dir():
             shutil.rmtree(target)
@@ -403,7 +409,7 @@ def test_a_journal_without_the_study_or_its_trials_is_refused(started_sweep):
 
     space, experiment = started_sweep
     journal = experiment / sweep_file.JOURNAL
-    argv = ["--space", str(space), "--storage", str(experiment.parent), "--resume", "--address", "127.0.0.1:1"]
+    argv = _resume_argv(space, experiment)
     ledger = json.loads((experiment / sweep_file.LEDGER).read_text())
     (experiment / sweep_file.LEDGER).write_text(json.dumps({**ledger, "t3": {"status": "running"}}))
     outcome = _call(tune.main, argv)
