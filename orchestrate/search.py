@@ -24,14 +24,20 @@ A new study can be warm-started: the finished trials of an earlier sweep
 informed. With `experiment.budget`, `suggest` ends the search (`Searcher.FINISHED`) once
 the next trial would cross the budget (orchestrate/budget.py).
 
-State across a driver restart: the study itself (journal or RDB) plus, in the searcher's
-checkpoint, which Optuna trial number each Tune trial is. On restore, Optuna trials left
-RUNNING by a dead driver and never seen by Tune are told FAIL; a Tune trial that will run
-on (it was running, or it errored and `--resume` runs it again) gets a fresh Optuna
-trial with the same parameters and the intermediate values already reported
-(`user_attrs["continues"]` or `["retry_of"]` names the old one, which is told FAIL: a
-finished Optuna trial cannot be reopened, and Optuna offers no public way to report to a
-trial another process asked for).
+State across a driver restart: the study itself (journal or RDB), whose trials each name
+their Tune trial, and the sampler's random state in the searcher's checkpoint. Tune saves
+its trials, this searcher and its `ConcurrencyLimiter` in separate files, so a driver killed
+mid-save (or before a remote copy caught up) can leave them disagreeing. So nothing is
+decided from the checkpoint: once Tune has restored its trials, `StudySync` (a Tune
+callback, built with the searcher) hands their ids and statuses to `settle`, which matches
+them against the study. Optuna trials left RUNNING that no restored Tune trial will run are
+told FAIL; a Tune trial that will run on (it was running, or it errored and `--resume`
+runs it again) gets a fresh Optuna trial with the same parameters and the intermediate
+values already reported (`user_attrs["continues"]` or `["retry_of"]` names the old one,
+which is told FAIL: a finished Optuna trial cannot be reopened, and Optuna offers no
+public way to report to a trial another process asked for). `StudySync` also passes every
+trial event on to the searcher, so a trial the limiter's restored state missed is still
+told; the searcher acts on each event once, however often it hears of it.
 """
 from __future__ import annotations
 
@@ -47,6 +53,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.tune.search import Searcher
 
 from orchestrate import storage
@@ -131,7 +138,7 @@ class SweepSearch(Searcher):
             self.study.add_trials(list(warm_start))
             self.warm_started = len(warm_start)
         self.running: dict[str, optuna.Trial] = {}  # Tune trial id -> its Optuna trial, until told
-        self.numbers: dict[str, int] = {}  # Tune trial id -> its (latest) Optuna trial number
+        self.unsettled = False  # restored, and not yet matched to Tune's restored trials
         self.reported: dict[str, set[int]] = {}  # epochs already reported per running trial
 
     @property
@@ -185,7 +192,6 @@ class SweepSearch(Searcher):
 
     def _track(self, trial_id: str, ot_trial: optuna.Trial, reported: set[int]) -> None:
         self.running[trial_id] = ot_trial
-        self.numbers[trial_id] = ot_trial.number
         self.reported[trial_id] = reported
 
     # -- telling
@@ -236,28 +242,37 @@ class SweepSearch(Searcher):
     # -- a driver restart
 
     def save(self, checkpoint_path: str) -> None:
-        # The sampler goes too: its random state, so that a resumed driver does not draw
-        # the startup trials it drew before all over again.
+        # The sampler's random state, so that a resumed driver does not draw the startup
+        # trials it drew before all over again.
         with open(checkpoint_path, "wb") as handle:
-            pickle.dump({"numbers": self.numbers, "sampler": self.sampler}, handle)
+            pickle.dump({"sampler": self.sampler}, handle)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as handle:
-            saved = pickle.load(handle)
-        self.numbers = dict(saved["numbers"])
-        self.sampler = saved["sampler"]
+            self.sampler = pickle.load(handle)["sampler"]
         self.study = self._open_study()
         self.running, self.reported = {}, {}
-        by_number = {frozen.number: frozen for frozen in self.study.get_trials(deepcopy=False)}
-        known = set(self.numbers.values())
-        for number, frozen in by_number.items():
-            if frozen.state == TrialState.RUNNING and number not in known:
-                log.info("Optuna trial %d was asked for by a driver that died before Tune kept it: FAIL", number)
-                self.study.tell(number, state=TrialState.FAIL)
-        for trial_id, number in self.numbers.items():
-            frozen = by_number[number]
+        self.unsettled = True  # until `settle` has seen the trials Tune restored
+
+    def settle(self, tune_trials: dict[str, tuple[str, dict]]) -> None:
+        """Match the study to the trials Tune restored (trial id -> (status, last result)),
+        once, before any of them runs again."""
+        self.unsettled = False
+        will_run = {trial_id for trial_id, (status, _) in tune_trials.items()
+                    if status not in (Trial.TERMINATED, Trial.ERROR)}
+        latest: dict[str, optuna.trial.FrozenTrial] = {}  # Tune trial id -> its newest Optuna trial
+        for frozen in self.study.get_trials(deepcopy=False):
+            trial_id = frozen.user_attrs.get(TUNE_TRIAL_ID)
+            if trial_id is not None:
+                latest[trial_id] = frozen
+            if frozen.state == TrialState.RUNNING and trial_id not in will_run:
+                log.info("Optuna trial %d was asked for by a driver that died before Tune kept it: FAIL",
+                         frozen.number)
+                self.study.tell(frozen.number, state=TrialState.FAIL)
+        for trial_id in sorted(will_run & latest.keys()):
+            frozen = latest[trial_id]
             if frozen.state == TrialState.RUNNING:
-                self.study.tell(number, state=TrialState.FAIL)
+                self.study.tell(frozen.number, state=TrialState.FAIL)
                 self._continue(trial_id, frozen, "continues")
             elif frozen.state == TrialState.FAIL and frozen.user_attrs.get(ERRORED):
                 self._continue(trial_id, frozen, "retry_of")  # resume_errored=True runs it again
@@ -271,6 +286,28 @@ class SweepSearch(Searcher):
         for epoch, value in sorted(frozen.intermediate_values.items()):
             ot_trial.report(value, epoch)
         self._track(trial_id, ot_trial, reported=set(frozen.intermediate_values))
+
+
+class StudySync(tune.Callback):
+    """Settles `searcher` against the trials Tune restored, at the first step after a driver
+    restart, and passes every trial event on to it (Tune's own calls reach a searcher only
+    for trials its `ConcurrencyLimiter` knows, and the limiter's restored state may miss some)."""
+
+    def __init__(self, searcher: SweepSearch) -> None:
+        self.searcher = searcher
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        if self.searcher.unsettled:
+            self.searcher.settle({trial.trial_id: (trial.status, trial.last_result) for trial in trials})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.searcher.on_trial_result(trial.trial_id, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.searcher.on_trial_complete(trial.trial_id, trial.last_result)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.searcher.on_trial_complete(trial.trial_id, error=True)
 
 
 class JournalMirror(tune.Callback):

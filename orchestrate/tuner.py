@@ -13,8 +13,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from orchestrate import storage
 from orchestrate.budget import BudgetGuard
+from orchestrate.checkpoint_keeper import CheckpointKeeper
 from orchestrate.moasha import MOASHA, BudgetFIFO, BudgetStop, rung_milestones
-from orchestrate.search import BASELINE, build_searcher
+from orchestrate.search import BASELINE, StudySync, build_searcher
 from orchestrate.space import SweepSpec
 
 
@@ -78,15 +79,18 @@ def build_tuner(spec: SweepSpec, trainable: Any, *, name: str, storage_root: str
     `warm_start` trials added to a new study) and scheduler, `concurrency` trials at once,
     results and checkpoints under `storage_root/name`, `experiment.budget` kept by a
     `BudgetGuard` there (`use_gpu`: whether trials hold GPUs). One-worker trials keep
-    `fault_tolerance.checkpoints_kept` Tune checkpoints and reuse their process for the next trial."""
+    `fault_tolerance.checkpoints_kept` Tune checkpoints (deleted by a `CheckpointKeeper`)
+    and reuse their process for the next trial."""
     e = spec.experiment
     in_process = spec.resources.workers == 1
     experiment_uri = storage.join(storage_root, name)
     guard = (lambda: BudgetGuard(spec, experiment_uri, use_gpu)) if e.budget.limits() else (lambda: None)
+    searcher = build_searcher(spec, study_storage, budget=guard(), warm_start=warm_start)
+    keeper = [CheckpointKeeper(experiment_uri, spec.fault_tolerance.checkpoints_kept)] if in_process else []
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=build_searcher(spec, study_storage, budget=guard(), warm_start=warm_start),
+            search_alg=searcher,
             scheduler=build_scheduler(spec, guard()),
             num_samples=e.num_samples, max_concurrent_trials=concurrency, time_budget_s=e.time_budget_s,
             trial_dirname_creator=trial_dirname, reuse_actors=in_process,
@@ -94,8 +98,7 @@ def build_tuner(spec: SweepSpec, trainable: Any, *, name: str, storage_root: str
         run_config=tune.RunConfig(
             name=name, storage_path=storage_root, verbose=0,
             failure_config=tune.FailureConfig(max_failures=trial_retries(spec)),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.fault_tolerance.checkpoints_kept)
-            if in_process else None,
-            callbacks=list(callbacks),
+            # Tune keeps every checkpoint; the keeper deletes old ones once no saved state names them.
+            callbacks=[*callbacks, StudySync(searcher), *keeper],
         ),
     )

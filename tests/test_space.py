@@ -249,7 +249,7 @@ def test_searcher_records_stopped_trials_as_pruned_with_their_curve(tmp_path):
     assert trials["broken"].state.name == "FAIL"
 
 
-def test_searcher_restore_keeps_history_and_fails_orphans(tmp_path):
+def test_searcher_restore_settles_the_study_against_the_trials_tune_restored(tmp_path):
     searcher, journal = _searcher(tmp_path)
     searcher.suggest("done")
     searcher.on_trial_complete("done", _result(3, 0.4))
@@ -257,29 +257,41 @@ def test_searcher_restore_keeps_history_and_fails_orphans(tmp_path):
     searcher.on_trial_result("midflight", _result(1, 0.1))
     broken_params = searcher.suggest("broken")
     searcher.on_trial_complete("broken", error=True)  # Tune resumes errored trials (resume_errored=True)
+    searcher.suggest("ghost")  # the searcher's saved state has it, Tune's saved trials do not
     state = str(tmp_path / "searcher.pkl")
     searcher.save(state)
     searcher.suggest("orphan")  # asked for after the last save, then the driver died
+    searcher.suggest("late")  # asked for after the searcher's save, but Tune's state has it
+    searcher.on_trial_result("late", _result(1, 0.15))
 
     restored, _ = _searcher(tmp_path)
     restored.restore(state)
+    assert restored.unsettled
+    restored.settle({"done": ("TERMINATED", _result(3, 0.4)), "midflight": ("PENDING", _result(1, 0.1)),
+                     "broken": ("PENDING", {}), "late": ("PENDING", _result(1, 0.15))})
+    assert not restored.unsettled
     restored.on_trial_result("midflight", _result(1, 0.1))  # the same epoch again after the restart
     restored.on_trial_result("midflight", _result(2, 0.2))
     restored.on_trial_complete("midflight", _result(3, 0.3))
+    restored.on_trial_complete("midflight", _result(3, 0.3))  # heard twice (limiter and StudySync): told once
     restored.on_trial_complete("done", _result(3, 0.9))  # finished before: Optuna's record stands
     restored.on_trial_complete("broken", _result(3, 0.2))
+    restored.on_trial_complete("late", _result(3, 0.5))
 
     study = _study(journal).trials
     broken = [t for t in study if t.user_attrs["tune_trial_id"] == "broken"]
     assert [t.state.name for t in broken] == ["FAIL", "COMPLETE"]  # the retry is a new Optuna trial
     assert broken[1].params == broken[0].params == broken_params
     assert broken[1].user_attrs["retry_of"] == broken[0].number
-    trials = {t.user_attrs["tune_trial_id"]: t for t in study if t.user_attrs["tune_trial_id"] != "broken"}
-    assert trials["done"].value == 0.4
-    assert trials["midflight"].state.name == "COMPLETE"
-    assert trials["midflight"].intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3}
-    assert trials["orphan"].state.name == "FAIL"
+    latest = {t.user_attrs["tune_trial_id"]: t for t in study}  # each Tune trial's newest Optuna trial
+    assert latest["done"].value == 0.4
+    assert latest["midflight"].state.name == "COMPLETE" and latest["midflight"].value == 0.3
+    assert latest["midflight"].intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3}
+    assert latest["late"].state.name == "COMPLETE" and latest["late"].intermediate_values == {1: 0.15, 3: 0.5}
+    assert "continues" in latest["late"].user_attrs
+    assert latest["orphan"].state.name == latest["ghost"].state.name == "FAIL"
     assert not [t for t in study if t.state.name == "RUNNING"]
+    assert len([t for t in study if t.state.name == "COMPLETE"]) == 4
 
 
 # ----------------------------------------------------------------------------- results and storage

@@ -244,7 +244,8 @@ def test_driver_killed_then_resumed_finishes_the_sweep(ray_cluster, env, tmp_pat
     assert len(rows) == 3
     assert len({row["trial_id"] for row in rows}) == 3
     assert len({params_of(row) for row in rows}) == 3
-    assert {row["status"] for row in rows} <= {"completed", "pruned"}
+    assert {row["status"] for row in rows} <= {"completed", "pruned"}, (
+        [(row["trial_id"], row["status"], row.get("error")) for row in rows], tail(resumed))
     by_id = {row["trial_id"]: row for row in rows}
     for trial_id, record in finished_before.items():  # not trained again, results kept
         row = by_id[trial_id]
