@@ -32,7 +32,7 @@ TEST_WORKERS ?= 0
 FAST_WORKERS ?= 2
 
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30
 
 test-fast: setup
 	$(PY) -m pytest -q -n $(FAST_WORKERS) --dist loadfile $(addprefix --ignore=,$(SLOW_TESTS))
