@@ -13,7 +13,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from orchestrate import storage
 from orchestrate.budget import BudgetGuard
-from orchestrate.moasha import MOASHA, BudgetFIFO, BudgetStop, rung_milestones
+from orchestrate.moasha import MOASHA, BudgetFIFO, BudgetStop, is_last_report, rung_milestones
 from orchestrate.search import BASELINE, build_searcher
 from orchestrate.space import SweepSpec
 
@@ -23,7 +23,8 @@ class BaselineASHA(ASHAScheduler, BudgetStop):
     enter the rungs (they set the cutoffs others are stopped by), but it runs all its
     epochs, because every other trial is measured against its final score. With
     `budget.stop_running` (a `budget` guard given), a trial that reaches a rung once the
-    budget is spent stops there."""
+    budget is spent stops there. No trial is stopped on its last report (Ray's ASHA stops
+    it at `max_t`): it ends by itself (orchestrate.moasha.is_last_report)."""
 
     def __init__(self, *, time_attr: str, max_t: int, budget: BudgetGuard | None = None, **asha: Any) -> None:
         super().__init__(time_attr=time_attr, max_t=max_t, **asha)
@@ -33,6 +34,8 @@ class BaselineASHA(ASHAScheduler, BudgetStop):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
+        if is_last_report(result, self.time_attr, self.max_t):
+            return TrialScheduler.CONTINUE
         if self._budget_stops(trial, result):
             return TrialScheduler.STOP
         spared = trial.config.get(BASELINE) and result.get(self.time_attr, 0) < self.max_t
