@@ -9,6 +9,7 @@ from typing import Any
 
 import optuna
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from orchestrate import storage
@@ -99,6 +100,8 @@ def build_tuner(spec: SweepSpec, trainable: Any, *, name: str, storage_root: str
             failure_config=tune.FailureConfig(max_failures=trial_retries(spec)),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.fault_tolerance.checkpoints_kept)
             if in_process else None,
-            callbacks=list(callbacks),
+            # result.json and progress.csv per trial; TensorBoard's events are the engine's
+            # (orchestrate.trial.set_tensorboard; ray_env.prepare keeps Tune from adding its own).
+            callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), *callbacks],
         ),
     )
