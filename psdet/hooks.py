@@ -12,6 +12,7 @@ engine's `Run`: config, device context, raw model, optimizer, position.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -160,22 +161,31 @@ class TensorBoardHook(Hook):
     marker at the first step it logs (0, or the restored checkpoint's step + 1): TensorBoard
     drops the earlier files' events from that step on (a dead run may have logged past its
     checkpoint), so a restored run and the one before it show as one unbroken run. The
-    writer opens at the first epoch (or the first event) and closes in `after_train`,
-    however the run ends."""
+    writer opens at the first epoch (or the first event) and closes at every evaluation,
+    so that the events are on disk before the reporter hands the evaluation on (a trial the
+    scheduler stops on that report is killed; tensorboardX's `flush` leaves queued events to
+    its thread), opening again on a new file for the next; and in `after_train`, however
+    the run ends."""
 
     def __init__(self, logdir: Path, hparams: dict[str, float | str | bool] | None = None) -> None:
         self.logdir = logdir
         self.hparams = dict(hparams or {})
         self.purge_from = 0  # the first step this run logs
         self._writer = None
+        self._files = 0  # event files this run opened
 
     def _open(self):
         if self._writer is None:
             from tensorboardX import SummaryWriter
             from tensorboardX.summary import hparams
 
-            self._writer = SummaryWriter(logdir=str(self.logdir), purge_step=self.purge_from)
-            if self.hparams:
+            first = self._files == 0
+            self._files += 1
+            # tensorboardX names a file by the second it opened it; the pid and the count keep two
+            # opened within one second apart (and in the order TensorBoard reads them).
+            self._writer = SummaryWriter(logdir=str(self.logdir), purge_step=self.purge_from if first else None,
+                                         filename_suffix=f".{os.getpid()}.{self._files:06d}")
+            if first and self.hparams:
                 metrics = {f"val/{name}": 0.0 for name in EVAL_METRICS}  # names only: the scalars hold the values
                 experiment, session_start, _ = hparams(self.hparams, metrics)
                 for summary in (experiment, session_start):
@@ -203,8 +213,12 @@ class TensorBoardHook(Hook):
         for name in EVAL_METRICS:
             if name in metrics:
                 writer.add_scalar(f"val/{name}", metrics[name], metrics["step"])
+        self._close()  # on disk before the reporter, a later hook, gets the evaluation
 
     def after_train(self, run: Run) -> None:
+        self._close()
+
+    def _close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None

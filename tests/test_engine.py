@@ -401,6 +401,20 @@ def test_a_checkpoint_in_the_stored_layout_resumes(synth_data, tmp_path):
     assert metrics["epoch"] == 2 and metrics["step"] == 12 and metrics["restarts"] == 4
 
 
+class BoardOnDisk(Hook):
+    """At each evaluation (after the built-in hooks, as the reporter is): the tags in `logdir`'s event files."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.tags: list[set[str]] = []
+
+    def on_evaluation(self, run, metrics, checkpoint) -> None:
+        from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+        self.tags.append({value.tag for path in self.logdir.glob("events.out.tfevents.*")
+                          for event in EventFileLoader(str(path)).Load() for value in event.summary.value})
+
+
 def test_tensorboard_dir_keeps_one_run_across_a_resume_with_its_hparams(synth_data, tmp_path):
     """train.tensorboard_dir names the run in TensorBoard; a resumed run writes into the same
     directory and purges what the first run logged past the checkpoint it resumes from."""
@@ -412,14 +426,18 @@ def test_tensorboard_dir_keeps_one_run_across_a_resume_with_its_hparams(synth_da
                f"train.tensorboard_dir={boards / 'lr=0.003,warmup=none'}",
                "train.tensorboard_hparams=[optim.lr, optim.warmup]")
     first = tmp_path / "first"
-    train(cfg, first)  # it runs to the end, as a run that died after its last log line would have
+    on_disk = BoardOnDisk(boards / "lr=0.003,warmup=none")
+    train(cfg, first, hooks=[on_disk])  # it runs to the end, as a run that died after its last log line would have
+    # What a reporter sees on disk when it gets an evaluation (a trial stopped on it is killed at once).
+    assert [{"_hparams_/session_start_info", "val/point_ap"} <= tags for tags in on_disk.tags] == [True, True]
     assert not (first / "tensorboard").exists()
     mid_epoch = [p for p in ckpt.list_checkpoints(first / "checkpoints") if ckpt.read_meta(p)["batch"] > 0][-1]
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(mid_epoch, resumed / "checkpoints" / mid_epoch.name)
     train(cfg, resumed, resume=ckpt.LocalResume(resumed / "checkpoints"))
-    assert len(list((boards / "lr=0.003,warmup=none").glob("events.out.tfevents.*"))) == 2
+    # A file per evaluation and run: the first run's two, the resumed one's one (its last epoch's evaluation).
+    assert len(list((boards / "lr=0.003,warmup=none").glob("events.out.tfevents.*"))) == 3
 
     board = EventMultiplexer(tensor_size_guidance={"scalars": 0})  # TensorBoard's own reader of a logdir
     board.AddRunsFromDirectory(str(boards))
