@@ -10,7 +10,8 @@ population: by non-dominated front, then, within a front, by crowding distance (
 first). The trial goes on when it is among the best `ceil(n / reduction_factor)` of the
 `n` recorded there; a trial tied with the last of those (same front, same crowding
 distance: two extremes of one front are both at infinity) goes on too, as Ray's ASHA lets a
-trial equal to its cutoff go on. Every trial stops at `max_t`.
+trial equal to its cutoff go on. A trial's last report (`is_last_report`) never stops it:
+it ends by itself.
 
 A trial whose result lacks an objective (or has NaN) is neither recorded nor stopped there.
 The baseline trial is never stopped early (its result still enters the rungs), as in
@@ -27,12 +28,24 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from orchestrate.budget import BudgetGuard
 from orchestrate.pareto import gains, selection_keys
 from orchestrate.search import BASELINE
+from psdet.reporting import TOTAL_EPOCHS
 
 
 def rung_milestones(grace_period: int, max_t: int, reduction_factor: float) -> list[float]:
     """The epochs of ASHA's rungs, ascending: Ray's `_Bracket` for bracket 0."""
     count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
     return [grace_period * reduction_factor ** k for k in range(count)]
+
+
+def is_last_report(result: dict, time_attr: str, max_t: float) -> bool:
+    """Whether `result` is its trial's last: at its planned epochs (TOTAL_EPOCHS, else `max_t`).
+
+    The sweep's schedulers let such a trial go on, as it ends by itself right after. A STOP
+    would kill the trial's process at once, before its trainer's `fit()` returns, so Ray
+    Train would never record the run as FINISHED (the dashboard's Train page would call it
+    ABORTED), and nothing would be gained: no epoch is left to save.
+    """
+    return time_attr in result and result[time_attr] >= result.get(TOTAL_EPOCHS, max_t)
 
 
 class BudgetStop:
@@ -65,6 +78,8 @@ class BudgetFIFO(FIFOScheduler, BudgetStop):
         self._init_budget(budget, time_attr, [])
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if is_last_report(result, self.budget_time_attr, float("inf")):
+            return TrialScheduler.CONTINUE
         return TrialScheduler.STOP if self._budget_stops(trial, result) else TrialScheduler.CONTINUE
 
 
@@ -123,9 +138,9 @@ class MOASHA(FIFOScheduler, BudgetStop):
         if self.time_attr not in result:
             return TrialScheduler.CONTINUE
         epoch = result[self.time_attr]
-        if self._budget_stops(trial, result):
-            decision = TrialScheduler.STOP
-        elif epoch >= self.max_t:
+        if is_last_report(result, self.time_attr, self.max_t):
+            decision = TrialScheduler.CONTINUE
+        elif self._budget_stops(trial, result):
             decision = TrialScheduler.STOP
         else:
             decision = TrialScheduler.CONTINUE

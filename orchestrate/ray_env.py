@@ -16,7 +16,12 @@ def address(cli_address: str | None) -> str | None:
 
 
 def prepare(address: str | None) -> None:
-    """Loopback for a local Ray; token auth for a cluster joined with a token at hand."""
+    """Loopback for a local Ray; token auth for a cluster joined with a token at hand; none
+    of Tune's own TensorBoard files."""
+    # Tune adds its CSV, JSON and TensorBoard loggers unless told not to; orchestrate.tuner
+    # passes the first two itself. Tune's per-trial event files would show in TensorBoard beside
+    # the engine's run of each trial, which has the per-step scalars and the trial's HParams.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if not address or is_loopback(address):
         # A local Ray binds its node and dashboard to 127.0.0.1 only.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

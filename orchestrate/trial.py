@@ -17,11 +17,13 @@ Every trial is a function trainable (`run_trial`). How it trains depends on its 
 
 Layout of one trial, under the experiment directory `<storage>/<name>`:
 
-    trial_<id>/                 Tune's trial directory (result.json, progress.csv, Tune's events)
+    trial_<id>/                 Tune's trial directory (result.json, progress.csv)
       train/checkpoint_*/       several workers: the Train run's checkpoints (RunConfig(storage_path=trial dir, name="train"))
       checkpoint_*/             one worker: the checkpoints reported to Tune
       run-<time>-<id>/          one per run of the trial (a resumed driver starts another), local storage
-                                only: the engine's tensorboard/, train.log and staging checkpoints/
+                                only: the engine's train.log and staging checkpoints/
+      lr=0.003,warmup=none/     the engine's TensorBoard events, every run of the trial (tensorboard_run_name),
+                                so `tensorboard --logdir <experiment>` names each trial's run by id and parameters
 
 The Train run's name and place are a pure function of the Tune trial id, so the same
 trial re-run by a resumed driver, or retried by Tune, finds its checkpoints and the
@@ -29,6 +31,7 @@ engine continues from the newest one.
 """
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 import uuid
@@ -97,10 +100,34 @@ def trial_uri(setup: TrialSetup, trial_id: str) -> str:
     return storage.join(setup.experiment_uri, f"trial_{trial_id}")
 
 
+def engine_trial_dir(setup: TrialSetup, trial_id: str) -> Path:
+    """Where the trial's engine runs write: its trial directory when storage is local, else
+    `trial_<id>` in local scratch."""
+    uri = trial_uri(setup, trial_id)
+    if storage.is_remote(uri):
+        return Path(tempfile.gettempdir(), "psdet-sweeps", setup.spec.name, f"trial_{trial_id}")
+    return Path(uri)
+
+
+def tensorboard_run_name(params: dict[str, Any]) -> str:
+    """The name of a trial's engine run in TensorBoard, under `trial_<id>/`: its searched
+    parameters by key, short and readable (`lr=0.00312,warmup=linear`). Each is named by the last
+    part of its key (the whole key where two share it), numbers to 3 significant digits,
+    characters other than letters, digits and `.+-_=,` made `_`, at most 120 characters
+    (a file name may have 255)."""
+    shown = {key: params[key] for key in sorted(params) if params[key] is not None}
+    last = [key.rsplit(".", 1)[-1] for key in shown]
+    parts = []
+    for (key, value), short in zip(shown.items(), last):
+        name = short if last.count(short) == 1 else key
+        text = f"{value:.3g}" if isinstance(value, float) else str(value)
+        parts.append(f"{name}={text}")
+    return re.sub(r"[^A-Za-z0-9.+\-_=,]", "_", ",".join(parts))[:120] or "engine"
+
+
 def engine_out_dir(setup: TrialSetup, trial_id: str) -> str:
-    """The engine's working directory for this run of the trial (TensorBoard, train.log,
-    its staging copy of each checkpoint): `trial_<id>/run-<time>-<random>` when storage
-    is local, else local scratch.
+    """The engine's working directory for this run of the trial (train.log, its staging copy
+    of each checkpoint): `run-<time>-<random>` in `engine_trial_dir`.
 
     A new one per run of the trial: when a resumed driver starts the trial again, workers
     of the dead driver may still be alive for a moment, and two engines must never prune
@@ -109,10 +136,15 @@ def engine_out_dir(setup: TrialSetup, trial_id: str) -> str:
     run of the trial, from Ray's.
     """
     run = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    uri = trial_uri(setup, trial_id)
-    if storage.is_remote(uri):
-        return str(Path(tempfile.gettempdir(), "psdet-sweeps", setup.spec.name, f"trial_{trial_id}", run))
-    return str(Path(uri, run))
+    return str(engine_trial_dir(setup, trial_id) / run)
+
+
+def set_tensorboard(cfg: Config, setup: TrialSetup, trial_id: str, params: dict[str, Any]) -> None:
+    """The trial's engine writes TensorBoard events to `trial_<id>/<tensorboard_run_name>` in
+    `engine_trial_dir`, every run of the trial into the same one (a restored run purges what a
+    dead one logged past its checkpoint), with the searched parameters as HParams."""
+    cfg.train.tensorboard_dir = str(engine_trial_dir(setup, trial_id) / tensorboard_run_name(params))
+    cfg.train.tensorboard_hparams = sorted(key for key, value in params.items() if value is not None)
 
 
 def engine_dirs(setup: TrialSetup, trial_id: str) -> dict[str, Any]:
@@ -156,6 +188,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     # Ray keeps the trial's checkpoints (fault_tolerance.checkpoints_kept); the engine's own
     # copy is only needed until Ray has taken it.
     cfg.train.keep_checkpoints = 1
+    set_tensorboard(cfg, setup, trial_id, params)
     if setup.in_process:
         train_in_process(setup, trial_id, cfg)
         return

@@ -9,12 +9,13 @@ from typing import Any
 
 import optuna
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from orchestrate import storage
 from orchestrate.budget import BudgetGuard
 from orchestrate.checkpoint_keeper import CheckpointKeeper
-from orchestrate.moasha import MOASHA, BudgetFIFO, BudgetStop, rung_milestones
+from orchestrate.moasha import MOASHA, BudgetFIFO, BudgetStop, is_last_report, rung_milestones
 from orchestrate.search import BASELINE, StudySync, build_searcher
 from orchestrate.space import SweepSpec
 
@@ -24,7 +25,8 @@ class BaselineASHA(ASHAScheduler, BudgetStop):
     enter the rungs (they set the cutoffs others are stopped by), but it runs all its
     epochs, because every other trial is measured against its final score. With
     `budget.stop_running` (a `budget` guard given), a trial that reaches a rung once the
-    budget is spent stops there."""
+    budget is spent stops there. No trial is stopped on its last report (Ray's ASHA stops
+    it at `max_t`): it ends by itself (orchestrate.moasha.is_last_report)."""
 
     def __init__(self, *, time_attr: str, max_t: int, budget: BudgetGuard | None = None, **asha: Any) -> None:
         super().__init__(time_attr=time_attr, max_t=max_t, **asha)
@@ -34,6 +36,8 @@ class BaselineASHA(ASHAScheduler, BudgetStop):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
+        if is_last_report(result, self.time_attr, self.max_t):
+            return TrialScheduler.CONTINUE
         if self._budget_stops(trial, result):
             return TrialScheduler.STOP
         spared = trial.config.get(BASELINE) and result.get(self.time_attr, 0) < self.max_t
@@ -98,7 +102,9 @@ def build_tuner(spec: SweepSpec, trainable: Any, *, name: str, storage_root: str
         run_config=tune.RunConfig(
             name=name, storage_path=storage_root, verbose=0,
             failure_config=tune.FailureConfig(max_failures=trial_retries(spec)),
+            # result.json and progress.csv per trial; TensorBoard's events are the engine's
+            # (orchestrate.trial.set_tensorboard; ray_env.prepare keeps Tune from adding its own).
             # Tune keeps every checkpoint; the keeper deletes old ones once no saved state names them.
-            callbacks=[*callbacks, StudySync(searcher), *keeper],
+            callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), *callbacks, StudySync(searcher), *keeper],
         ),
     )

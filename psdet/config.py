@@ -148,6 +148,11 @@ class TrainConfig:
     channels_last: bool = False
     log_interval: int = 10  # steps between TensorBoard scalars
     progress: bool = True  # progress bar on rank 0
+    # TensorBoard: the event directory ("" = OUT/tensorboard; its name is the run's name in
+    # TensorBoard) and the dotted config keys whose values the run records as its HParams.
+    # A sweep sets both per trial (orchestrate/trial.py).
+    tensorboard_dir: str = ""
+    tensorboard_hparams: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -399,10 +404,25 @@ def validate(cfg: Config, source: str) -> None:
     for key in ("epochs", "eval_interval", "ckpt_interval", "keep_checkpoints"):
         if getattr(cfg.train, key) <= 0:
             fail(f"train.{key}", "must be positive")
+    for key in cfg.train.tensorboard_hparams:
+        try:
+            config_value(cfg, key)
+        except KeyError:
+            fail("train.tensorboard_hparams", f"names {key!r}, which is no config key")
     try:
         validate_optim(cfg.optim, total_epochs=cfg.train.epochs)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def config_value(cfg: Any, key: str) -> Any:
+    """The value of dotted `key` (`optim.lr`) in a config dataclass; KeyError if it names none."""
+    value = cfg
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(value) or part not in {f.name for f in dataclasses.fields(value)}:
+            raise KeyError(key)
+        value = getattr(value, part)
+    return value
 
 
 def effective_scheduler(cfg: OptimConfig) -> str:

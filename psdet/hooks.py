@@ -12,12 +12,14 @@ engine's `Run`: config, device context, raw model, optimizer, position.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from psdet.config import config_value
 from psdet.reporting import COST_METRICS, EVAL_METRICS, Reporter
 
 if TYPE_CHECKING:
@@ -151,45 +153,86 @@ class ProgressHook(Hook):
 
 
 class TensorBoardHook(Hook):
-    """Rank 0's TensorBoard scalars under `OUT/tensorboard`: train/* every log interval,
-    train/images_per_s every epoch, val/* every evaluation. The writer is closed in
-    `after_train`, however the run ends."""
+    """Rank 0's TensorBoard scalars under `logdir`: train/* every log interval,
+    train/images_per_s every epoch, val/* every evaluation; `hparams` (name -> number, string
+    or bool) as the run's HParams, with the val/* scalars as their metrics.
 
-    def __init__(self, logdir: Path) -> None:
+    Every run of the same directory writes a new event file that starts with a restart
+    marker at the first step it logs (0, or the restored checkpoint's step + 1): TensorBoard
+    drops the earlier files' events from that step on (a dead run may have logged past its
+    checkpoint), so a restored run and the one before it show as one unbroken run. The
+    writer opens at the first epoch (or the first event) and closes at every evaluation,
+    so that the events are on disk before the reporter hands the evaluation on (a trial the
+    scheduler stops on that report is killed; tensorboardX's `flush` leaves queued events to
+    its thread), opening again on a new file for the next; and in `after_train`, however
+    the run ends."""
+
+    def __init__(self, logdir: Path, hparams: dict[str, float | str | bool] | None = None) -> None:
         self.logdir = logdir
-        self.writer = None
+        self.hparams = dict(hparams or {})
+        self.purge_from = 0  # the first step this run logs
+        self._writer = None
+        self._files = 0  # event files this run opened
 
-    def before_train(self, run: Run) -> None:
-        from tensorboardX import SummaryWriter
+    def _open(self):
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+            from tensorboardX.summary import hparams
 
-        self.writer = SummaryWriter(logdir=str(self.logdir))
+            first = self._files == 0
+            self._files += 1
+            # tensorboardX names a file by the second it opened it; the pid and the count keep two
+            # opened within one second apart (and in the order TensorBoard reads them).
+            self._writer = SummaryWriter(logdir=str(self.logdir), purge_step=self.purge_from if first else None,
+                                         filename_suffix=f".{os.getpid()}.{self._files:06d}")
+            if first and self.hparams:
+                metrics = {f"val/{name}": 0.0 for name in EVAL_METRICS}  # names only: the scalars hold the values
+                experiment, session_start, _ = hparams(self.hparams, metrics)
+                for summary in (experiment, session_start):
+                    self._writer.file_writer.add_summary(summary)
+        return self._writer
+
+    def on_restore(self, run: Run, checkpoint: Path) -> None:
+        self.purge_from = run.position.step + 1
+
+    def before_epoch(self, run: Run, epoch: int) -> None:
+        self._open()  # after any restore: the new event file purges from there
 
     def on_losses(self, run: Run, losses: StepLosses) -> None:
+        writer = self._open()
         for name, value in losses.losses.items():
-            self.writer.add_scalar(f"train/{name}", value, losses.step)
-        self.writer.add_scalar("train/lr", losses.lr, losses.step)
-        self.writer.add_scalar("train/momentum", losses.momentum, losses.step)
+            writer.add_scalar(f"train/{name}", value, losses.step)
+        writer.add_scalar("train/lr", losses.lr, losses.step)
+        writer.add_scalar("train/momentum", losses.momentum, losses.step)
 
     def after_epoch(self, run: Run, metrics: dict[str, float]) -> None:
-        self.writer.add_scalar("train/images_per_s", metrics["images_per_s"], metrics["step"])
+        self._open().add_scalar("train/images_per_s", metrics["images_per_s"], metrics["step"])
 
     def on_evaluation(self, run: Run, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        writer = self._open()  # a run restored after its last epoch opens it here
         for name in EVAL_METRICS:
             if name in metrics:
-                self.writer.add_scalar(f"val/{name}", metrics[name], metrics["step"])
+                writer.add_scalar(f"val/{name}", metrics[name], metrics["step"])
+        self._close()  # on disk before the reporter, a later hook, gets the evaluation
 
     def after_train(self, run: Run) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        self._close()
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def default_hooks(run: Run, out_dir: Path, reporter: Reporter) -> list[Hook]:
-    """What every run gets: log lines, the progress line and TensorBoard on rank 0, then the reporter."""
+    """What every run gets: log lines, the progress line and TensorBoard on rank 0 (in
+    `train.tensorboard_dir`, default OUT/tensorboard), then the reporter."""
     hooks: list[Hook] = [LoggingHook()]
     if run.ctx.is_main:
         if run.cfg.train.progress:
             hooks.append(ProgressHook())
-        hooks.append(TensorBoardHook(out_dir / "tensorboard"))
+        train = run.cfg.train
+        hooks.append(TensorBoardHook(Path(train.tensorboard_dir) if train.tensorboard_dir else out_dir / "tensorboard",
+                                     {key: config_value(run.cfg, key) for key in train.tensorboard_hparams}))
     hooks.append(ReportHook(reporter))
     return hooks

@@ -26,7 +26,7 @@ from cluster_helpers import wait_until
 from psdet import checkpoint as ckpt
 from psdet.config import load_config
 from psdet.engine import train
-from psdet.errors import NonFiniteLossError
+from psdet.errors import ConfigError, NonFiniteLossError
 from psdet.hooks import Hook
 from psdet.models import build_model
 from psdet.optim import build_optimizer
@@ -399,3 +399,62 @@ def test_a_checkpoint_in_the_stored_layout_resumes(synth_data, tmp_path):
     assert recorder.details("on_restore") == [(saved, ckpt.Position(1, 6, 0), 4)]
     assert recorder.details("before_step") == list(range(6, 12))
     assert metrics["epoch"] == 2 and metrics["step"] == 12 and metrics["restarts"] == 4
+
+
+class BoardOnDisk(Hook):
+    """At each evaluation (after the built-in hooks, as the reporter is): the tags in `logdir`'s event files."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.tags: list[set[str]] = []
+
+    def on_evaluation(self, run, metrics, checkpoint) -> None:
+        from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+        self.tags.append({value.tag for path in self.logdir.glob("events.out.tfevents.*")
+                          for event in EventFileLoader(str(path)).Load() for value in event.summary.value})
+
+
+def test_tensorboard_dir_keeps_one_run_across_a_resume_with_its_hparams(synth_data, tmp_path):
+    """train.tensorboard_dir names the run in TensorBoard; a resumed run writes into the same
+    directory and purges what the first run logged past the checkpoint it resumes from."""
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    boards = tmp_path / "boards"
+    cfg = _cfg(synth_data, "train.epochs=2", "train.ckpt_every_steps=3", "train.keep_checkpoints=10",
+               f"train.tensorboard_dir={boards / 'lr=0.003,warmup=none'}",
+               "train.tensorboard_hparams=[optim.lr, optim.warmup]")
+    first = tmp_path / "first"
+    on_disk = BoardOnDisk(boards / "lr=0.003,warmup=none")
+    train(cfg, first, hooks=[on_disk])  # it runs to the end, as a run that died after its last log line would have
+    # What a reporter sees on disk when it gets an evaluation (a trial stopped on it is killed at once).
+    assert [{"_hparams_/session_start_info", "val/point_ap"} <= tags for tags in on_disk.tags] == [True, True]
+    assert not (first / "tensorboard").exists()
+    mid_epoch = [p for p in ckpt.list_checkpoints(first / "checkpoints") if ckpt.read_meta(p)["batch"] > 0][-1]
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(mid_epoch, resumed / "checkpoints" / mid_epoch.name)
+    train(cfg, resumed, resume=ckpt.LocalResume(resumed / "checkpoints"))
+    # A file per evaluation and run: the first run's two, the resumed one's one (its last epoch's evaluation).
+    assert len(list((boards / "lr=0.003,warmup=none").glob("events.out.tfevents.*"))) == 3
+
+    board = EventMultiplexer(tensor_size_guidance={"scalars": 0})  # TensorBoard's own reader of a logdir
+    board.AddRunsFromDirectory(str(boards))
+    board.Reload()
+    assert list(board.Runs()) == ["lr=0.003,warmup=none"]
+    run = board.GetAccumulator("lr=0.003,warmup=none")
+    # 48 images, 8 per batch: 6 steps per epoch; losses every 2 steps and at the epoch's end.
+    # The first run's from step 2 to 12, the resumed one's from its checkpoint's step 9 on: 11, 12 (the epoch's end).
+    assert ckpt.read_meta(mid_epoch)["step"] == 9
+    assert [e.step for e in run.Tensors("train/loss")] == [2, 4, 6, 8, 11, 12]
+    assert [e.step for e in run.Tensors("val/point_ap")] == [6, 12]
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        run.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["optim.lr"].number_value == pytest.approx(0.003)
+    assert start.hparams["optim.warmup"].string_value == "none"
+
+
+def test_tensorboard_hparams_must_name_config_keys(synth_data):
+    with pytest.raises(ConfigError, match=r"'train.tensorboard_hparams' names 'optim.lrr', which is no config key"):
+        _cfg(synth_data, "train.tensorboard_hparams=[optim.lrr]")

@@ -4,8 +4,8 @@ trials, run with `--report`), then
   screenshot kept (in $PSDET_TEST_ARTIFACTS, default out/test-artifacts/);
 - `tune.py report` on the same sweep seen as interrupted (no results.parquet yet);
 - optuna-dashboard on its optuna.journal, through its HTTP API;
-- every trial's TensorBoard event files through TensorBoard's own reader: the engine's
-  scalars, and Tune's run of the trial with its parameters as HParams.
+- the experiment directory through TensorBoard's own reader: one run per trial, named by
+  its id and parameters, with the engine's scalars and the parameters as HParams.
 """
 from __future__ import annotations
 
@@ -195,38 +195,46 @@ VAL_TAGS = tuple(f"val/{kind}_{m}" for kind in ("point", "slot") for m in ("prec
 
 
 @pytest.mark.timeout(300)
-def test_tensorboard_reads_every_trials_scalars(sweep):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+def test_tensorboard_shows_one_run_per_trial_named_by_its_id_and_parameters(sweep):
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
     from tensorboard.plugins.hparams import plugin_data_pb2
+    from tensorboard.util import tensor_util
 
     space = yaml.safe_load(SMOKE.read_text())
     steps_per_epoch = 16 // space["experiment"]["overrides"]["data.batch_size"]  # 16 synthetic training images
     log_interval = space["experiment"]["overrides"]["train.log_interval"]
+    # What `tensorboard --logdir runs/views` lists: every directory under it that holds event files.
+    board = EventMultiplexer(tensor_size_guidance={"scalars": 0})
+    board.AddRunsFromDirectory(str(sweep.experiment))
+    board.Reload()
+    expected = {}
     for row in sweep.rows:
-        (logdir,) = (sweep.experiment / f"trial_{row['trial_id']}").glob("run-*/tensorboard")
-        events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-        events.Reload()
-        tags = set(events.Tags()["scalars"])
+        name = f"lr={row['optim.lr']:.3g},warmup={row['optim.warmup']}"
+        if row["optim.warmup_epochs"] is not None:
+            name += f",warmup_epochs={row['optim.warmup_epochs']:.3g}"
+        expected[f"trial_{row['trial_id']}/{name}"] = row
+    assert sorted(board.Runs()) == sorted(expected)  # the engine's run of each trial, and nothing else
+
+    for run_name, row in expected.items():
+        events = board.GetAccumulator(run_name)
+        tags = set(events.Tags()["tensors"])
         assert set(TRAIN_TAGS) | set(VAL_TAGS) <= tags, sorted(tags)
         epoch_steps = [steps_per_epoch * e for e in range(1, row["epochs"] + 1)]
         for tag in VAL_TAGS + ("train/images_per_s",):
-            assert [s.step for s in events.Scalars(tag)] == epoch_steps, tag
+            assert [e.step for e in events.Tensors(tag)] == epoch_steps, tag
         logged = list(range(log_interval, steps_per_epoch * row["epochs"] + 1, log_interval))
         for tag in TRAIN_TAGS[:-1]:
-            assert [s.step for s in events.Scalars(tag)] == logged, tag
-        assert events.Scalars("val/point_ap")[-1].value == pytest.approx(row["final_point_ap"], rel=1e-6)
+            assert [e.step for e in events.Tensors(tag)] == logged, tag
+        final_ap = tensor_util.make_ndarray(events.Tensors("val/point_ap")[-1].tensor_proto).item()
+        assert final_ap == pytest.approx(row["final_point_ap"], rel=1e-6)
 
-        # Tune's own run of the trial, `trial_<id>`: its parameters in the HParams tab.
-        tune_run = EventAccumulator(str(sweep.experiment / f"trial_{row['trial_id']}"))
-        tune_run.Reload()
+        # The trial's parameters in the HParams tab.
         start = plugin_data_pb2.HParamsPluginData.FromString(
-            tune_run.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+            events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
         hparams = {key: value.number_value if value.HasField("number_value") else value.string_value
                    for key, value in start.hparams.items()}
         searched = {key: row[key] for key in ("optim.lr", "optim.warmup", "optim.warmup_epochs")
-                    if row.get(key) is not None}
-        assert ("baseline" in hparams) == row["baseline"]  # the searcher's flag rides in the baseline's config
-        hparams.pop("baseline", None)
+                    if row[key] is not None}
         assert hparams.keys() == searched.keys(), (hparams, searched)
         for key, value in searched.items():
             assert hparams[key] == (pytest.approx(value) if isinstance(value, float) else value), key

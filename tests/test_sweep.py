@@ -109,7 +109,11 @@ def test_smoke_sweep(ray_cluster, env, tmp_path, workers):
         assert f"rank 0 of {workers}," in (run / "train.log").read_text()  # DDP over two workers, or one
         checkpoints = "train/checkpoint_*" if workers == 2 else "checkpoint_*"  # Ray Train's, or Tune's
         assert list((experiment / f"trial_{row['trial_id']}").glob(checkpoints)), row
-        assert any((run / "tensorboard").glob("events.out.tfevents.*"))
+        # TensorBoard's events: the engine's, in the trial's run named by its parameters; none of Tune's.
+        trial_dir = experiment / f"trial_{row['trial_id']}"
+        (board,) = [path for path in trial_dir.iterdir() if any(path.glob("events.out.tfevents.*"))]
+        assert board.name.startswith(f"lr={row['optim.lr']:.3g},warmup={row['optim.warmup']}"), board
+        assert not list(trial_dir.glob("events.out.tfevents.*"))
 
     board = out[out.index("leaderboard of 'smoke'"):]
     for row in rows:

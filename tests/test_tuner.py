@@ -10,6 +10,7 @@ from conftest import REPO
 from orchestrate.search import BASELINE
 from orchestrate.space import load_space
 from orchestrate.tuner import BaselineASHA, build_scheduler
+from psdet.reporting import TOTAL_EPOCHS
 
 
 def _trial(trial_id: str, baseline: bool = False) -> SimpleNamespace:
@@ -34,8 +35,17 @@ def test_asha_stops_below_the_top_third_at_epoch_3_but_never_the_baseline():
     assert result(baseline, 3, 0.1) == TrialScheduler.CONTINUE
     assert result(poor, 3, 0.1) == TrialScheduler.STOP  # below the 67th percentile of (0.5, 0.6, 0.1)
     assert result(baseline, 7, 0.3) == TrialScheduler.CONTINUE
-    assert result(baseline, 8, 0.4) == TrialScheduler.STOP  # its last epoch ends it like any trial
-    assert result(first, 8, 0.7) == TrialScheduler.STOP
+    # A trial's last report never stops it: it ends by itself, and its trainer's fit() returns first.
+    assert result(baseline, 8, 0.4) == TrialScheduler.CONTINUE
+    assert result(first, 8, 0.7) == TrialScheduler.CONTINUE
+    short = _trial("d")  # 3 epochs planned: its last report is at the rung, below the cutoff
+    scheduler.on_trial_add(None, short)
+    assert scheduler.on_trial_result(None, short, {"epoch": 3, "slot_ap": 0.0, TOTAL_EPOCHS: 3}) \
+        == TrialScheduler.CONTINUE
+    late = _trial("e")  # 8 planned: the same result at the rung stops it
+    scheduler.on_trial_add(None, late)
+    assert scheduler.on_trial_result(None, late, {"epoch": 3, "slot_ap": 0.0, TOTAL_EPOCHS: 8}) \
+        == TrialScheduler.STOP
 
 
 def test_no_scheduler_is_fifo():
