@@ -22,6 +22,7 @@ Train restarted this run's worker group.
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from psdet import checkpoint as ckpt
 from psdet.errors import CheckpointError
 from psdet.reporting import TOTAL_EPOCHS  # noqa: F401 - re-exported for the benchmarks
+
+log = logging.getLogger("psdet")
 
 WORKER_RESTARTS = "worker_restarts"
 FROM_RAY = "ray"  # rank 0's choice, broadcast: resume from Ray's registered checkpoint
@@ -61,6 +64,33 @@ def newer_of(from_ray: Path | None, engine: tuple[Path, dict] | None) -> Path | 
     return engine_path if engine_meta["step"] > ray_step else from_ray
 
 
+def verified_checkpoint(checkpoint: ray.train.Checkpoint, downloads: Path) -> Path | None:
+    """Ray's (or Tune's) registered `checkpoint` as a local, verified directory; when it is
+    corrupt (a truncated upload, a flipped bit in storage), the newest verified one of the
+    older checkpoints beside it in the run's storage, with a warning; None if none verifies.
+    Local storage is read in place, remote checkpoints are downloaded under `downloads`."""
+    filesystem = checkpoint.filesystem
+    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    siblings = filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    candidates = sorted((info.path for info in siblings if info.type == pyarrow.fs.FileType.Directory
+                         and info.base_name.startswith("checkpoint_") and info.base_name <= name), reverse=True)
+    for path in candidates:
+        if isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+            local = Path(path)  # read in place: the engine only reads it
+        else:
+            local = downloads / Path(path).name
+            ray.train.Checkpoint(path, filesystem=filesystem).to_directory(str(local))
+        try:
+            ckpt.read_meta(local)
+        except CheckpointError as exc:
+            log.warning("%s; trying the previous one", exc)
+            continue
+        if path != candidates[0]:
+            log.warning("resuming from the older checkpoint %s instead", path)
+        return local
+    return None
+
+
 class RayResume:
     """The engine's `ResumeSource` inside a Ray Train worker (every rank asks; rank 0 chooses).
 
@@ -73,6 +103,7 @@ class RayResume:
     def __init__(self, engine_checkpoints: Path | None = None) -> None:
         self.engine_checkpoints = engine_checkpoints
         self._downloaded: tempfile.TemporaryDirectory | None = None
+        self._verified: Path | None = None
 
     def latest_checkpoint(self) -> Path | None:
         choice = None
@@ -95,16 +126,14 @@ class RayResume:
         return FROM_RAY if chosen == from_ray else str(chosen)
 
     def _ray_checkpoint(self) -> Path | None:
-        """Ray's registered checkpoint as a local directory (downloaded once from remote storage)."""
+        """Ray's registered checkpoint as a local verified directory (`verified_checkpoint`, once)."""
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-            return Path(checkpoint.path)  # read in place: the engine only reads it
         if self._downloaded is None:
             self._downloaded = tempfile.TemporaryDirectory(prefix="psdet-resume-")
-            checkpoint.to_directory(self._downloaded.name)
-        return Path(self._downloaded.name)
+            self._verified = verified_checkpoint(checkpoint, Path(self._downloaded.name))
+        return self._verified
 
 
 class RayReporter:

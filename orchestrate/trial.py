@@ -36,13 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import pyarrow.fs
 import ray.train
 from ray import tune
 from ray.train.torch import TorchTrainer
 
 from orchestrate import storage
-from orchestrate.ray_reporter import RayReporter, RayResume, TuneReport, newer_of
+from orchestrate.ray_reporter import RayReporter, RayResume, TuneReport, newer_of, verified_checkpoint
 from orchestrate.results import FINISHED, read_ledger
 from orchestrate.search import strip_baseline
 from orchestrate.space import SweepSpec, SyntheticData, trial_config
@@ -193,7 +192,8 @@ class TuneResume:
     """The engine's `ResumeSource` in a one-worker trial: a retried or resumed trial continues
     from the newer (by global step) of the checkpoint Tune restored and the engine's newest
     valid one in the trial's earlier runs (`trial_dir`, local storage only: a mid-epoch
-    checkpoint, or one whose report Tune had not taken when the process died). Keep the
+    checkpoint, or one whose report Tune had not taken when the process died). A corrupt
+    checkpoint of Tune's gives way to the previous one (`verified_checkpoint`). Keep the
     object until the engine has loaded the checkpoint (a remote one is downloaded into a
     temporary directory that lives as long as it does)."""
 
@@ -214,11 +214,8 @@ class TuneResume:
         checkpoint = tune.get_checkpoint()
         if checkpoint is None:
             return None
-        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-            return Path(checkpoint.path)  # read in place: the engine only reads it
         self._downloaded = tempfile.TemporaryDirectory(prefix="psdet-resume-")
-        checkpoint.to_directory(self._downloaded.name)
-        return Path(self._downloaded.name)
+        return verified_checkpoint(checkpoint, Path(self._downloaded.name))
 
 
 def finished_result(setup: TrialSetup, trial_id: str) -> dict[str, Any] | None:
