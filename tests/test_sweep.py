@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cluster_helpers import TUNE, Driver, descendants, listening_sockets, off_loopback, tune_trial_statuses
+from cluster_helpers import (TUNE, Driver, descendants, listening_sockets, off_loopback, tune_trial_statuses,
+                             wait_until)
 from conftest import REPO
 
 SMOKE = REPO / "search_spaces" / "smoke.yaml"
@@ -283,3 +284,57 @@ def test_journal_mirror_copies_the_journal_whenever_tune_saves_the_experiment(tm
             journal.write(record)
         assert mirror.get_state() is None  # nothing for Tune to keep: the journal is the state
         assert remote.read_bytes() == local.read_bytes()
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_to_a_worker_is_a_preemption_no_step_lost(ray_cluster, env, tmp_path, workers):
+    """SIGTERM to rank 0 mid-epoch (a spot notice) inside Ray: the step in flight finishes, the
+    engine checkpoints exactly that step and stops; the trial's next attempt starts at the step
+    after it, and ends bit for bit like an uninterrupted twin."""
+    resources = {} if workers == 2 else {"resources__ALL": ONE_WORKER}
+    overrides = {**yaml.safe_load(SMOKE.read_text())["experiment"]["overrides"],
+                 "train.epochs": 3, "train.ckpt_every_steps": 4}
+    space = space_file(
+        tmp_path / "preempted.yaml", **resources,
+        experiment__name="preempted", experiment__num_samples=2, experiment__max_concurrent=2,
+        experiment__overrides=overrides, experiment__synthetic_data={"train": 96, "val": 8, "seed": 0},
+        search__ALL={"optim.lr": {"type": "choice", "values": [0.003]}},
+        scheduler__ALL={"type": "none"},
+        fault_tolerance__ALL={"worker_max_failures": 2, "trial_max_failures": 0, "checkpoints_kept": 2},
+    )
+    storage = tmp_path / "runs"
+    experiment = storage / "preempted"
+    sweep = Driver([*TUNE, "--space", space, "--address", ray_cluster.address, "--storage", storage], env)
+    try:
+        stopped_id = sweep.wait_for(r"^trial (\S+) epoch 1/3", timeout=240).group(1)
+        trial_dir = experiment / f"trial_{stopped_id}"
+        # 12 steps an epoch: the notice comes after epoch 2's first mid-epoch checkpoint (step 16),
+        # while the loop trains, not while it evaluates or reports
+        wait_until(lambda: list(trial_dir.glob("run-*/checkpoints/ckpt-e0001-s00000016")), timeout=120,
+                   what="the mid-epoch checkpoint at step 16", poll_s=0.05)
+        os.kill(rank0_pid(trial_dir), signal.SIGTERM)
+        sweep.wait_for(r"^results ", timeout=300)
+        assert sweep.wait(timeout=60) == 0, sweep.tail(40)
+    finally:
+        sweep.kill()
+
+    logs = [log.read_text() for log in sorted(trial_dir.glob("run-*/train.log"))]
+    text = "\n".join(logs)
+    said = re.search(r"preempted \(SIGTERM\): stopped after step (\d+) with a checkpoint at (\S+)", text)
+    assert said, text[-3000:]
+    stopped_step, checkpoint = int(said[1]), said[2]
+    assert 16 <= stopped_step < 24 and checkpoint.endswith(f"-s{stopped_step:08d}")
+    resumed = re.search(r"resumed from (\S+): epoch (\d+), step (\d+), batch (\d+)", text)
+    assert resumed, text[-3000:]
+    assert int(resumed[3]) == stopped_step  # the next attempt's first step is the one after it: none lost
+    assert Path(resumed[1]).name == Path(checkpoint).name
+
+    rows = {row["trial_id"]: row for row in results(experiment)}
+    stopped, clean = rows.pop(stopped_id), next(iter(rows.values()))
+    assert stopped["status"] == clean["status"] == "completed"
+    assert stopped["restarts"] == 1 and clean["restarts"] == 0
+    timings = ("final_images_per_s", "final_train_s", "final_eval_s", "final_latency_ms")
+    same = [key for key in stopped if key.startswith("final_") and key not in (*timings, "final_restarts")]
+    assert len(same) >= 10
+    assert {key: stopped[key] for key in same} == {key: clean[key] for key in same}  # bit for bit
