@@ -286,7 +286,7 @@ def test_journal_mirror_copies_the_journal_whenever_tune_saves_the_experiment(tm
         assert remote.read_bytes() == local.read_bytes()
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_to_a_worker_is_a_preemption_no_step_lost(ray_cluster, env, tmp_path, workers):
     """SIGTERM to rank 0 mid-epoch (a spot notice) inside Ray: the step in flight finishes, the
@@ -294,11 +294,11 @@ def test_sigterm_to_a_worker_is_a_preemption_no_step_lost(ray_cluster, env, tmp_
     after it, and ends bit for bit like an uninterrupted twin."""
     resources = {} if workers == 2 else {"resources__ALL": ONE_WORKER}
     overrides = {**yaml.safe_load(SMOKE.read_text())["experiment"]["overrides"],
-                 "train.epochs": 3, "train.ckpt_every_steps": 4}
+                 "train.epochs": 3, "train.ckpt_every_steps": 2}
     space = space_file(
         tmp_path / "preempted.yaml", **resources,
         experiment__name="preempted", experiment__num_samples=2, experiment__max_concurrent=2,
-        experiment__overrides=overrides, experiment__synthetic_data={"train": 96, "val": 8, "seed": 0},
+        experiment__overrides=overrides, experiment__synthetic_data={"train": 48, "val": 8, "seed": 0},
         search__ALL={"optim.lr": {"type": "choice", "values": [0.003]}},
         scheduler__ALL={"type": "none"},
         fault_tolerance__ALL={"worker_max_failures": 2, "trial_max_failures": 0, "checkpoints_kept": 2},
@@ -307,12 +307,12 @@ def test_sigterm_to_a_worker_is_a_preemption_no_step_lost(ray_cluster, env, tmp_
     experiment = storage / "preempted"
     sweep = Driver([*TUNE, "--space", space, "--address", ray_cluster.address, "--storage", storage], env)
     try:
-        stopped_id = sweep.wait_for(r"^trial (\S+) epoch 1/3", timeout=240).group(1)
+        stopped_id = sweep.wait_for(r"^trial (\S+) epoch 1/3", timeout=400).group(1)
         trial_dir = experiment / f"trial_{stopped_id}"
-        # 12 steps an epoch: the notice comes after epoch 2's first mid-epoch checkpoint (step 16),
-        # while the loop trains, not while it evaluates or reports
-        wait_until(lambda: list(trial_dir.glob("run-*/checkpoints/ckpt-e0001-s00000016")), timeout=120,
-                   what="the mid-epoch checkpoint at step 16", poll_s=0.05)
+        # 6 steps an epoch: the notice comes after the mid-epoch checkpoint at step 8 (epoch 2, batch
+        # 2), while the loop trains, not while it evaluates or reports
+        wait_until(lambda: list(trial_dir.glob("run-*/checkpoints/ckpt-e0001-s00000008")), timeout=200,
+                   what="the mid-epoch checkpoint at step 8", poll_s=0.05)
         os.kill(rank0_pid(trial_dir), signal.SIGTERM)
         sweep.wait_for(r"^results ", timeout=300)
         assert sweep.wait(timeout=60) == 0, sweep.tail(40)
@@ -324,7 +324,7 @@ def test_sigterm_to_a_worker_is_a_preemption_no_step_lost(ray_cluster, env, tmp_
     said = re.search(r"preempted \(SIGTERM\): stopped after step (\d+) with a checkpoint at (\S+)", text)
     assert said, text[-3000:]
     stopped_step, checkpoint = int(said[1]), said[2]
-    assert 16 <= stopped_step < 24 and checkpoint.endswith(f"-s{stopped_step:08d}")
+    assert 8 <= stopped_step <= 12 and checkpoint.endswith(f"-s{stopped_step:08d}")
     resumed = re.search(r"resumed from (\S+): epoch (\d+), step (\d+), batch (\d+)", text)
     assert resumed, text[-3000:]
     assert int(resumed[3]) == stopped_step  # the next attempt's first step is the one after it: none lost
@@ -338,3 +338,26 @@ def test_sigterm_to_a_worker_is_a_preemption_no_step_lost(ray_cluster, env, tmp_
     same = [key for key in stopped if key.startswith("final_") and key not in (*timings, "final_restarts")]
     assert len(same) >= 10
     assert {key: stopped[key] for key in same} == {key: clean[key] for key in same}  # bit for bit
+
+
+def test_a_storage_outage_leaves_the_driver_running_and_the_copies_catch_up(tmp_path):
+    """While storage fails (benchmarks/chaos.py stops the S3 endpoint for 20 s), the journal
+    mirror and the ledger warn instead of ending the sweep, and write again on the next trial
+    event once it is back (a file in place of the experiment directory stands in for the outage)."""
+    from orchestrate.results import TrialLedger
+    from orchestrate.search import JournalMirror
+
+    local, experiment = tmp_path / "optuna.journal", tmp_path / "storage"
+    local.write_bytes(b'{"op": 0}\n')
+    experiment.write_text("not a directory")  # every write below it fails, as against a stopped endpoint
+    mirror = JournalMirror(str(local), str(experiment / "optuna.journal"), period_s=3600)
+    ledger = TrialLedger(str(experiment), "point_ap", "max")
+    ledger.records = {"t1": {"status": "running"}}
+    mirror.get_state()
+    ledger._save()
+    experiment.unlink()
+    experiment.mkdir()  # storage is back
+    mirror.on_trial_result(0, [], None, {})  # within period_s, but the last copy failed
+    assert (experiment / "optuna.journal").read_bytes() == local.read_bytes()
+    ledger._save()
+    assert json.loads((experiment / "trials.json").read_text()) == {"t1": {"status": "running"}}
