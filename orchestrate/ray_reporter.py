@@ -19,10 +19,15 @@ checkpoint directory, which Ray copies into the run's storage.
 
 Controller side (`TuneReport`): Ray's `TuneReportCallback` plus the number of times Ray
 Train restarted this run's worker group.
+
+Preemption (`take_sigterm`): a SIGTERM to a worker is handed to the engine's preemption
+notice (psdet/preemption.py), which checkpoints the step in flight and stops.
 """
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,6 +39,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from psdet import checkpoint as ckpt
 from psdet.errors import CheckpointError
+from psdet.preemption import deliver_notice
 from psdet.reporting import TOTAL_EPOCHS  # noqa: F401 - re-exported for the benchmarks
 
 log = logging.getLogger("psdet")
@@ -89,6 +95,34 @@ def verified_checkpoint(checkpoint: ray.train.Checkpoint, downloads: Path) -> Pa
             log.warning("resuming from the older checkpoint %s instead", path)
         return local
     return None
+
+
+def take_sigterm() -> None:
+    """In a Ray Train worker, before the engine starts: SIGTERM goes to the engine's
+    preemption notice (`psdet.preemption.deliver_notice`) instead of Ray's handler, which
+    would end the process at once; with no training loop running, Ray's handler still does.
+
+    Only the main thread may set a signal handler, and the loop runs in a thread of Ray
+    Train's. The worker actor's main thread runs the actor's tasks and is idle while the
+    loop trains, so the handler is set by a task on the actor itself (`__ray_call__`, which
+    runs a function in the actor's process)."""
+    actor = ray.get_runtime_context().current_actor
+    ray.get(actor.__ray_call__.remote(_hand_sigterm_to_the_engine), timeout=120)
+
+
+def _hand_sigterm_to_the_engine(_actor) -> None:
+    rays = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame) -> None:
+        if deliver_notice():
+            return
+        if callable(rays):
+            rays(signum, frame)
+        else:  # the default action: end the process
+            signal.signal(signum, rays)
+            os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 class RayResume:

@@ -41,7 +41,8 @@ from ray import tune
 from ray.train.torch import TorchTrainer
 
 from orchestrate import storage
-from orchestrate.ray_reporter import RayReporter, RayResume, TuneReport, newer_of, verified_checkpoint
+from orchestrate.ray_reporter import (RayReporter, RayResume, TuneReport, newer_of, take_sigterm,
+                                      verified_checkpoint)
 from orchestrate.results import FINISHED, read_ledger
 from orchestrate.search import strip_baseline
 from orchestrate.space import SweepSpec, SyntheticData, trial_config
@@ -255,6 +256,7 @@ def train_loop_per_worker(loop_config: dict[str, Any], hooks: Sequence[Hook] = (
         ensure_synthetic(loop_config["synthetic"], Path(cfg.data.root))
     out_dir = Path(loop_config["out_dir"])
     resume = RayResume(out_dir / "checkpoints" if loop_config.get("resume_from_engine") else None)
+    take_sigterm()  # a SIGTERM (a spot notice) becomes a checkpoint of the step in flight
     train(cfg, out_dir, RayReporter(), resume=resume, hooks=hooks)
 
 

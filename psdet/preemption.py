@@ -12,13 +12,17 @@ from it with no step lost.
 How the notice arrives depends on the thread the loop runs in:
 - **the main thread** (`psdet train`, torchrun): the notice installs its own SIGTERM handler.
 - **any other thread** (a Ray Train worker and a one-worker Tune trial run the loop in a
-  thread of their own; Python lets only the main thread install a signal handler): the
+  thread of their own; Python lets only the main thread install a signal handler): either
+  the host hands the notice over itself, with a SIGTERM handler of its own in the main
+  thread that calls `deliver_notice()` (orchestrate does so in Ray Train workers), or the
   process keeps its host's handler. Ray's, in every worker process, raises SystemExit in
   the main thread ("The process receives a SIGTERM"); the interpreter then runs its atexit
-  callbacks while the loop's thread still runs. The notice registers one for as long as the
-  loop runs: it raises the flag and holds the exit until the loop has left the notice (its
-  checkpoint written), at most `exit_grace_s`. Any orderly exit of the process in the
-  middle of training takes this path, which only ever costs one checkpoint.
+  callbacks while the loop's thread still runs, if the main thread was running a task
+  (a one-worker Tune trial's is, waiting for the loop's next report). The notice
+  registers one for as long as the loop runs: it raises the flag and holds the exit until
+  the loop has left the notice (its checkpoint written), at most `exit_grace_s`. Any
+  orderly exit of the process in the middle of training takes this path, which only ever
+  costs one checkpoint.
 """
 from __future__ import annotations
 
@@ -50,6 +54,18 @@ class Preempted(Exception):
         self.step = step
 
 
+_ACTIVE: list["PreemptionNotice"] = []  # the notices of the loops running in this process
+
+
+def deliver_notice() -> bool:
+    """Raise the flag of every active notice in this process (from any thread: a host's own
+    SIGTERM handler); -> whether a running loop took it. When none did, the host should
+    treat the SIGTERM as it otherwise would (end the process)."""
+    for notice in list(_ACTIVE):
+        notice._on_sigterm(signal.SIGTERM, None)
+    return bool(_ACTIVE)
+
+
 class PreemptionNotice:
     """`with PreemptionNotice() as notice:` a SIGTERM raises `notice`'s flag instead of ending
     the process at once (see the module docstring for the thread the loop runs in); the
@@ -70,12 +86,14 @@ class PreemptionNotice:
         else:
             atexit.register(self._on_exit)
         self.active = True
+        _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc_info) -> None:
         self._left.set()
         if not self.active:
             return
+        _ACTIVE.remove(self)
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
