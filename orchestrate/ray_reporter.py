@@ -37,6 +37,7 @@ import ray.train
 import ray.train.collective
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from orchestrate import storage
 from psdet import checkpoint as ckpt
 from psdet.errors import CheckpointError
 from psdet.preemption import deliver_notice
@@ -166,7 +167,8 @@ class RayResume:
             return None
         if self._downloaded is None:
             self._downloaded = tempfile.TemporaryDirectory(prefix="psdet-resume-")
-            self._verified = verified_checkpoint(checkpoint, Path(self._downloaded.name))
+            self._verified = storage.patiently(lambda: verified_checkpoint(checkpoint, Path(self._downloaded.name)),
+                                               "fetching the run's checkpoint")
         return self._verified
 
 

@@ -147,7 +147,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """Tune function trainable: resolve this trial's config, then train it, in this
     process (one worker) or on a Ray Train worker group."""
     trial_id = tune.get_context().get_trial_id()
-    finished = finished_result(setup, trial_id)
+    finished = storage.patiently(lambda: finished_result(setup, trial_id), "reading the trial's records")
     if finished is not None:
         tune.report(finished)
         return
@@ -216,7 +216,8 @@ class TuneResume:
         if checkpoint is None:
             return None
         self._downloaded = tempfile.TemporaryDirectory(prefix="psdet-resume-")
-        return verified_checkpoint(checkpoint, Path(self._downloaded.name))
+        return storage.patiently(lambda: verified_checkpoint(checkpoint, Path(self._downloaded.name)),
+                                 "fetching the trial's checkpoint")
 
 
 def finished_result(setup: TrialSetup, trial_id: str) -> dict[str, Any] | None:

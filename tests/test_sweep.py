@@ -361,3 +361,25 @@ def test_a_storage_outage_leaves_the_driver_running_and_the_copies_catch_up(tmp_
     assert (experiment / "optuna.journal").read_bytes() == local.read_bytes()
     ledger._save()
     assert json.loads((experiment / "trials.json").read_text()) == {"t1": {"status": "running"}}
+
+
+def test_a_trial_waits_out_a_storage_outage_instead_of_spending_its_retries(monkeypatch):
+    """Tune retries a failed trial at once; a trial that failed on every storage call during a
+    20 s outage spent all its retries in it (benchmarks/chaos.py). It waits instead, and a
+    missing file is still an answer."""
+    from orchestrate import storage
+
+    monkeypatch.setattr(storage.time, "sleep", lambda seconds: None)
+    answers = iter([OSError("AWS Error NETWORK_CONNECTION"), OSError("Could not connect to server"), {"t1": {}}])
+
+    def read():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert storage.patiently(read, "reading the trial's records") == {"t1": {}}
+    with pytest.raises(FileNotFoundError):
+        storage.patiently(lambda: open("/nonexistent/trials.json"), "reading the trial's records")
+    with pytest.raises(OSError, match="still down"):
+        storage.patiently(lambda: (_ for _ in ()).throw(OSError("still down")), "reading", wait_s=0)
