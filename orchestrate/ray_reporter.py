@@ -19,9 +19,15 @@ checkpoint directory, which Ray copies into the run's storage.
 
 Controller side (`TuneReport`): Ray's `TuneReportCallback` plus the number of times Ray
 Train restarted this run's worker group.
+
+Preemption (`take_sigterm`): a SIGTERM to a worker is handed to the engine's preemption
+notice (psdet/preemption.py), which checkpoints the step in flight and stops.
 """
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,9 +37,13 @@ import ray.train
 import ray.train.collective
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from orchestrate import storage
 from psdet import checkpoint as ckpt
 from psdet.errors import CheckpointError
+from psdet.preemption import deliver_notice
 from psdet.reporting import TOTAL_EPOCHS  # noqa: F401 - re-exported for the benchmarks
+
+log = logging.getLogger("psdet")
 
 WORKER_RESTARTS = "worker_restarts"
 FROM_RAY = "ray"  # rank 0's choice, broadcast: resume from Ray's registered checkpoint
@@ -61,6 +71,61 @@ def newer_of(from_ray: Path | None, engine: tuple[Path, dict] | None) -> Path | 
     return engine_path if engine_meta["step"] > ray_step else from_ray
 
 
+def verified_checkpoint(checkpoint: ray.train.Checkpoint, downloads: Path) -> Path | None:
+    """Ray's (or Tune's) registered `checkpoint` as a local, verified directory; when it is
+    corrupt (a truncated upload, a flipped bit in storage), the newest verified one of the
+    older checkpoints beside it in the run's storage, with a warning; None if none verifies.
+    Local storage is read in place, remote checkpoints are downloaded under `downloads`."""
+    filesystem = checkpoint.filesystem
+    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    siblings = filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    candidates = sorted((info.path for info in siblings if info.type == pyarrow.fs.FileType.Directory
+                         and info.base_name.startswith("checkpoint_") and info.base_name <= name), reverse=True)
+    for path in candidates:
+        if isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+            local = Path(path)  # read in place: the engine only reads it
+        else:
+            local = downloads / Path(path).name
+            ray.train.Checkpoint(path, filesystem=filesystem).to_directory(str(local))
+        try:
+            ckpt.read_meta(local)
+        except CheckpointError as exc:
+            log.warning("%s; trying the previous one", exc)
+            continue
+        if path != candidates[0]:
+            log.warning("resuming from the older checkpoint %s instead", path)
+        return local
+    return None
+
+
+def take_sigterm() -> None:
+    """In a Ray Train worker, before the engine starts: SIGTERM goes to the engine's
+    preemption notice (`psdet.preemption.deliver_notice`) instead of Ray's handler, which
+    would end the process at once; with no training loop running, Ray's handler still does.
+
+    Only the main thread may set a signal handler, and the loop runs in a thread of Ray
+    Train's. The worker actor's main thread runs the actor's tasks and is idle while the
+    loop trains, so the handler is set by a task on the actor itself (`__ray_call__`, which
+    runs a function in the actor's process)."""
+    actor = ray.get_runtime_context().current_actor
+    ray.get(actor.__ray_call__.remote(_hand_sigterm_to_the_engine), timeout=120)
+
+
+def _hand_sigterm_to_the_engine(_actor) -> None:
+    rays = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame) -> None:
+        if deliver_notice():
+            return
+        if callable(rays):
+            rays(signum, frame)
+        else:  # the default action: end the process
+            signal.signal(signum, rays)
+            os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 class RayResume:
     """The engine's `ResumeSource` inside a Ray Train worker (every rank asks; rank 0 chooses).
 
@@ -73,6 +138,7 @@ class RayResume:
     def __init__(self, engine_checkpoints: Path | None = None) -> None:
         self.engine_checkpoints = engine_checkpoints
         self._downloaded: tempfile.TemporaryDirectory | None = None
+        self._verified: Path | None = None
 
     def latest_checkpoint(self) -> Path | None:
         choice = None
@@ -95,16 +161,15 @@ class RayResume:
         return FROM_RAY if chosen == from_ray else str(chosen)
 
     def _ray_checkpoint(self) -> Path | None:
-        """Ray's registered checkpoint as a local directory (downloaded once from remote storage)."""
+        """Ray's registered checkpoint as a local verified directory (`verified_checkpoint`, once)."""
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-            return Path(checkpoint.path)  # read in place: the engine only reads it
         if self._downloaded is None:
             self._downloaded = tempfile.TemporaryDirectory(prefix="psdet-resume-")
-            checkpoint.to_directory(self._downloaded.name)
-        return Path(self._downloaded.name)
+            self._verified = storage.patiently(lambda: verified_checkpoint(checkpoint, Path(self._downloaded.name)),
+                                               "fetching the run's checkpoint")
+        return self._verified
 
 
 class RayReporter:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -38,6 +39,8 @@ from orchestrate.space import SweepSpec, trial_config
 from orchestrate.sweep_file import LEDGER, read_ledger
 from psdet.config import dump_yaml
 from psdet.reporting import ENGINE_SECONDS, REPORTED, TOTAL_EPOCHS
+
+log = logging.getLogger(__name__)
 
 RESULTS = "results.parquet"
 BEST_CONFIG = "best_config.yaml"
@@ -68,6 +71,7 @@ class TrialLedger(tune.Callback):
         self.in_process = in_process
         self.records: dict[str, dict[str, Any]] = {}
         self._session_start: dict[str, float] = {}
+        self._unsaved = False  # the last write failed (storage outage)
 
     # -- Tune hooks
 
@@ -168,8 +172,17 @@ class TrialLedger(tune.Callback):
             record["wall_time_s"] = record["wall_base_s"] + time.time() - started
 
     def _save(self) -> None:
-        storage.write_bytes(storage.join(self.experiment_uri, LEDGER),
-                            json.dumps(self.records, indent=1, sort_keys=True).encode())
+        """Write the whole ledger; in a storage outage, warn once and leave it to the next event's write."""
+        try:
+            storage.write_bytes(storage.join(self.experiment_uri, LEDGER),
+                                json.dumps(self.records, indent=1, sort_keys=True).encode())
+        except OSError as exc:
+            if not self._unsaved:
+                log.warning("could not write %s to %s (%s); it is written again on the next trial event", LEDGER,
+                            self.experiment_uri, " ".join(str(exc).split())[:200])
+            self._unsaved = True
+            return
+        self._unsaved = False
 
 
 def _fmt(value: Any) -> str:

@@ -324,18 +324,30 @@ class JournalMirror(tune.Callback):
         self.remote_uri = remote_uri
         self.period_s = period_s
         self._last = 0.0
+        self._pending = False  # the last copy failed: copy again on the next trial event
 
     def upload(self) -> None:
-        if Path(self.local_path).is_file():
+        """Copy the journal; a storage outage is a warning, not the sweep's end: the copy is
+        made again on the next trial event (Tune's own sync of its state fails alike)."""
+        if not Path(self.local_path).is_file():
+            return
+        try:
             storage.write_bytes(self.remote_uri, Path(self.local_path).read_bytes())
-            self._last = time.monotonic()
+        except OSError as exc:
+            if not self._pending:
+                log.warning("could not copy the Optuna journal to %s (%s); trying again on the next trial event",
+                            self.remote_uri, " ".join(str(exc).split())[:200])
+            self._pending = True
+            return
+        self._pending = False
+        self._last = time.monotonic()
 
     def get_state(self) -> None:
         self.upload()
         return None  # nothing to restore: the journal itself is the state
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if time.monotonic() - self._last > self.period_s:
+        if self._pending or time.monotonic() - self._last > self.period_s:
             self.upload()
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:

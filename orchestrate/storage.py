@@ -6,11 +6,22 @@ query (`s3://bucket/sweeps?endpoint_override=http://127.0.0.1:9000`); `join` kee
 """
 from __future__ import annotations
 
+import logging
 import posixpath
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs
+
+log = logging.getLogger("psdet")
+T = TypeVar("T")
+# How long a trial waits for its storage to answer before it fails: longer than an endpoint's
+# restart, shorter than a trial. A trial that fails at once instead spends one of Tune's
+# retries per attempt, and Tune retries at once: a 20 s outage took all of them.
+OUTAGE_WAIT_S = 180.0
 
 
 def is_remote(uri: str) -> bool:
@@ -80,3 +91,22 @@ def display(uri: str, fs_path: str) -> str:
         return fs_path
     split = urlsplit(uri)
     return f"{split.scheme}://{fs_path.lstrip('/')}"
+
+
+def patiently(call: Callable[[], T], what: str, wait_s: float = OUTAGE_WAIT_S) -> T:
+    """`call()`, tried again (after 1, 2, 4 ... 16 s) while storage does not answer (an
+    OSError other than a missing file), for up to `wait_s`; then its error."""
+    deadline = time.monotonic() + wait_s
+    pause = 1.0
+    while True:
+        try:
+            return call()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning("storage did not answer while %s (%s); trying again in %.0f s", what,
+                        " ".join(str(exc).split())[:200], pause)
+            time.sleep(pause)
+            pause = min(2 * pause, 16.0)

@@ -39,13 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import pyarrow.fs
 import ray.train
 from ray import tune
 from ray.train.torch import TorchTrainer
 
 from orchestrate import storage
-from orchestrate.ray_reporter import RayReporter, RayResume, TuneReport, newer_of
+from orchestrate.ray_reporter import (RayReporter, RayResume, TuneReport, newer_of, take_sigterm,
+                                      verified_checkpoint)
 from orchestrate.results import FINISHED, read_ledger
 from orchestrate.search import strip_baseline
 from orchestrate.space import SweepSpec, SyntheticData, trial_config
@@ -179,7 +179,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """Tune function trainable: resolve this trial's config, then train it, in this
     process (one worker) or on a Ray Train worker group."""
     trial_id = tune.get_context().get_trial_id()
-    finished = finished_result(setup, trial_id)
+    finished = storage.patiently(lambda: finished_result(setup, trial_id), "reading the trial's records")
     if finished is not None:
         tune.report(finished)
         return
@@ -226,7 +226,8 @@ class TuneResume:
     """The engine's `ResumeSource` in a one-worker trial: a retried or resumed trial continues
     from the newer (by global step) of the checkpoint Tune restored and the engine's newest
     valid one in the trial's earlier runs (`trial_dir`, local storage only: a mid-epoch
-    checkpoint, or one whose report Tune had not taken when the process died). Keep the
+    checkpoint, or one whose report Tune had not taken when the process died). A corrupt
+    checkpoint of Tune's gives way to the previous one (`verified_checkpoint`). Keep the
     object until the engine has loaded the checkpoint (a remote one is downloaded into a
     temporary directory that lives as long as it does)."""
 
@@ -247,11 +248,9 @@ class TuneResume:
         checkpoint = tune.get_checkpoint()
         if checkpoint is None:
             return None
-        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-            return Path(checkpoint.path)  # read in place: the engine only reads it
         self._downloaded = tempfile.TemporaryDirectory(prefix="psdet-resume-")
-        checkpoint.to_directory(self._downloaded.name)
-        return Path(self._downloaded.name)
+        return storage.patiently(lambda: verified_checkpoint(checkpoint, Path(self._downloaded.name)),
+                                 "fetching the trial's checkpoint")
 
 
 def finished_result(setup: TrialSetup, trial_id: str) -> dict[str, Any] | None:
@@ -291,6 +290,7 @@ def train_loop_per_worker(loop_config: dict[str, Any], hooks: Sequence[Hook] = (
         ensure_synthetic(loop_config["synthetic"], Path(cfg.data.root))
     out_dir = Path(loop_config["out_dir"])
     resume = RayResume(out_dir / "checkpoints" if loop_config.get("resume_from_engine") else None)
+    take_sigterm()  # a SIGTERM (a spot notice) becomes a checkpoint of the step in flight
     train(cfg, out_dir, RayReporter(), resume=resume, hooks=hooks)
 
 

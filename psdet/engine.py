@@ -51,14 +51,16 @@ LossFn = Callable[[dict[str, torch.Tensor], dict[str, Any]], tuple[torch.Tensor,
 
 
 def setup_logging(out_dir: Path | None, is_main: bool) -> None:
-    """psdet's logger: INFO to stderr on rank 0 (warnings elsewhere), and `OUT/train.log`."""
-    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    """psdet's logger: INFO to stderr on rank 0 (warnings elsewhere), and `OUT/train.log`,
+    which also gets the DEBUG lines (the losses of every log interval)."""
+    log.setLevel(logging.DEBUG if is_main else logging.WARNING)
     log.propagate = False
     for handler in list(log.handlers):
         log.removeHandler(handler)
         handler.close()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     stream = logging.StreamHandler(sys.stderr)
+    stream.setLevel(logging.INFO)
     stream.setFormatter(fmt)
     log.addHandler(stream)
     if out_dir is not None and is_main:
@@ -311,7 +313,7 @@ def _train_epochs(run: Run, data: _Data, checkpoints: _Checkpoints, hooks: list[
                     checkpoints.save(run, {}, hooks)
                 if done < run.steps_per_epoch and notice.requested(run.ctx, step, cfg.train.log_interval):
                     run.position = ckpt.Position(epoch, step, done)
-                    raise Preempted(checkpoints.save(run, {}, hooks), step)
+                    raise _preempted(checkpoints.save(run, {}, hooks), step)
         elapsed = time.perf_counter() - started
         metrics = dict(zip(LOSS_TERMS, (epoch_terms / max(epoch_steps, 1)).tolist()))
         metrics.update(epoch=epoch + 1, step=step, lr=schedule.get("lr", float("nan")),
@@ -336,8 +338,16 @@ def _train_epochs(run: Run, data: _Data, checkpoints: _Checkpoints, hooks: list[
             for hook in hooks:
                 hook.on_evaluation(run, dict(metrics), saved)
         if not finished and notice.requested(run.ctx):
-            raise Preempted(saved if is_ckpt else checkpoints.save(run, metrics, hooks), step)
+            raise _preempted(saved if is_ckpt else checkpoints.save(run, metrics, hooks), step)
     return metrics
+
+
+def _preempted(checkpoint: Path | None, step: int) -> Preempted:
+    """The exception that ends a preempted run, said in the run's log too (inside Ray nobody
+    else prints it)."""
+    stop = Preempted(checkpoint, step)
+    log.warning("%s", stop)
+    return stop
 
 
 def _report_finished_run(run: Run, resumed_metrics: dict[str, float], hooks: list[Hook]) -> dict[str, float]:

@@ -104,12 +104,17 @@ class ReportHook(Hook):
 
 
 class LoggingHook(Hook):
-    """psdet's log lines about the loop: the restore, each epoch's losses and each evaluation."""
+    """psdet's log lines about the loop: the restore, each log interval's losses (DEBUG: train.log
+    only), each epoch's losses and each evaluation."""
 
     def on_restore(self, run: Run, checkpoint: Path) -> None:
         position = run.position
         log.info("resumed from %s: epoch %d, step %d, batch %d (restart %d)",
                  checkpoint, position.epoch + 1, position.step, position.batch, run.restarts)
+
+    def on_losses(self, run: Run, losses: StepLosses) -> None:
+        log.debug("step %d (epoch %d, batch %d/%d): loss %.4f", losses.step, losses.epoch + 1, losses.batch,
+                  run.steps_per_epoch, losses.losses["loss"])
 
     def after_epoch(self, run: Run, metrics: dict[str, float]) -> None:
         log.info("epoch %d/%d: loss %.4f (point %.5f, edge %.4f), %.1f images/s", metrics["epoch"],

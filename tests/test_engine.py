@@ -190,27 +190,68 @@ def test_sigterm_is_a_preemption_notice_no_step_lost(synth_data, tmp_path):
     _assert_same_weights(_final_weights(clean), _final_weights(stopped))
 
 
-def test_the_preemption_notice_is_inactive_off_the_main_thread():
+def test_the_preemption_notice_takes_sigterm_in_the_main_thread():
     from psdet.distributed import DistContext
     from psdet.preemption import PreemptionNotice
 
-    seen = {}
-
-    def in_a_thread():
-        with PreemptionNotice() as notice:
-            seen["active"] = notice.active
-            seen["handler"] = signal.getsignal(signal.SIGTERM)
-
     before = signal.getsignal(signal.SIGTERM)
-    worker = threading.Thread(target=in_a_thread)
-    worker.start()
-    worker.join(timeout=30)
-    assert seen == {"active": False, "handler": before}  # a thread cannot take SIGTERM over
     with PreemptionNotice() as notice:
         assert notice.active and signal.getsignal(signal.SIGTERM) != before
+        assert not notice.requested(DistContext(0, 1, 0, torch.device("cpu")))
         os.kill(os.getpid(), signal.SIGTERM)
         assert notice.requested(DistContext(0, 1, 0, torch.device("cpu")))
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+# A host that runs the loop in a thread and ends its process on SIGTERM as Ray's workers do
+# (ray._private.worker.Worker.main_loop: SystemExit raised in the main thread).
+THREAD_HOST = """
+import signal, sys, threading, time
+import torch
+from psdet.distributed import DistContext
+from psdet.preemption import PreemptionNotice
+
+def on_sigterm(signum, frame):
+    raise SystemExit(1)
+
+signal.signal(signal.SIGTERM, on_sigterm)
+steps = []
+
+def loop():
+    with PreemptionNotice(exit_grace_s=60) as notice:
+        print("handler kept", signal.getsignal(signal.SIGTERM) is on_sigterm, flush=True)
+        for step in range(1, 100000):
+            time.sleep(0.01)
+            steps.append(step)
+            if notice.requested(DistContext(0, 1, 0, torch.device("cpu")), step):
+                time.sleep(0.5)  # the checkpoint
+                print("checkpoint after step", step, flush=True)
+                return
+
+threading.Thread(target=loop, daemon=True).start()
+while len(steps) < 5:
+    time.sleep(0.01)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_off_the_main_thread_an_exit_on_sigterm_waits_for_the_checkpoint(tmp_path):
+    """Where the loop runs in a thread and the host's SIGTERM handler exits the process (Ray's
+    workers), the notice holds the exit until the loop has checkpointed the step in flight."""
+    host = subprocess.Popen([sys.executable, "-c", THREAD_HOST], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert host.stdout.readline() == "handler kept True\n"  # a thread cannot take SIGTERM over
+        assert host.stdout.readline() == "ready\n"
+        host.send_signal(signal.SIGTERM)
+        out, err = host.communicate(timeout=120)
+    finally:
+        if host.poll() is None:
+            host.kill()
+    assert host.returncode == 1, err
+    assert re.fullmatch(r"checkpoint after step \d+\n", out), (out, err)
+    assert "the process is exiting (SIGTERM?) while training" in err
 
 
 def test_resume_from_mid_epoch_checkpoint_in_process(synth_data, tmp_path):

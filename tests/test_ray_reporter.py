@@ -6,6 +6,7 @@ is what benchmarks/recovery.py measures; its smoke run is in tests/test_benchmar
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -61,3 +62,30 @@ def test_corrupt_checkpoints_are_passed_over(tmp_path):
     assert newer_checkpoint(from_ray, tmp_path / "engine") == older  # the newest engine one is truncated
     _corrupt(from_ray)
     assert newer_checkpoint(from_ray, tmp_path / "engine") == older  # and Ray's too
+
+
+def _tune_checkpoint(trial_dir: Path, index: int, step: int) -> Path:
+    """A checkpoint as Tune keeps a reported one: the engine's files in `checkpoint_<index>`."""
+    saved = _save(trial_dir / "engine", index, step)
+    return Path(shutil.copytree(saved, trial_dir / f"checkpoint_{index:06d}"))
+
+
+def test_a_corrupt_registered_checkpoint_gives_way_to_the_previous_one(tmp_path):
+    """The newest checkpoint Ray (or Tune) registered is damaged in storage: the resume takes
+    the newest older one beside it that verifies; none left: start fresh."""
+    import ray.train
+
+    from orchestrate.ray_reporter import verified_checkpoint
+
+    first, second, newest = (_tune_checkpoint(tmp_path, index, 8 * index) for index in (1, 2, 3))
+    registered = ray.train.Checkpoint(str(newest))
+    assert verified_checkpoint(registered, tmp_path) == newest
+    _corrupt(newest)  # truncated
+    state = second / ckpt.STATE_FILE
+    flipped = bytearray(state.read_bytes())
+    flipped[len(flipped) // 2] ^= 0x10
+    state.write_bytes(bytes(flipped))  # one bit flipped, the size unchanged
+    assert verified_checkpoint(registered, tmp_path) == first
+    assert verified_checkpoint(ray.train.Checkpoint(str(second)), tmp_path) == first  # never a newer one
+    _corrupt(first)
+    assert verified_checkpoint(registered, tmp_path) is None
