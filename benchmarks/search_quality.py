@@ -5,6 +5,8 @@ configuration, against random search without early stopping, on recorded trainin
         [--out benchmarks/data/search_quality.parquet] [--overrides KEY=VALUE ...] [--synthetic TRAIN VAL]
     python benchmarks/search_quality.py replay [--table benchmarks/data/search_quality.parquet]
         [--space search_spaces/lr.yaml] [--seeds 20] [--trials 48] [--sampler-variants] [--asha-variants] [--small]
+    python benchmarks/search_quality.py replay-mo [--table benchmarks/data/search_quality_pareto.parquet]
+        [--space search_spaces/pareto.yaml] [--seeds 20] [--budget EPOCHS] [--trials N] [--small]
     python benchmarks/search_quality.py live [--space search_spaces/lr.yaml] [--trials 6]
 
 **record** trains `--configs` configurations of the space for all their epochs and keeps
@@ -21,10 +23,12 @@ each. Each finished configuration is written atomically to `<out>.parts/config_<
 a rerun of the same command skips those. At the end the Parquet table is assembled
 (atomically; left as it is when nothing changed): one row per (config, epoch) with
 `config_id`, one column per searched key (null where inactive), `epoch`, `slot_ap`,
-`point_ap`, `loss`, `train_s`, `eval_s` (and the space's metric, if another). A
-configuration whose loss went non-finite ends with a row of NaN at that epoch (its real
-trial errors there). The schema metadata holds the machine, torch version, git
-commit(s), command line, date, space file and text, overrides, synthetic data and epochs.
+`point_ap`, `loss`, `train_s`, `eval_s` (and the space's metric or objectives, if others;
+a multi-objective space also keeps the cost metrics `latency_ms`, `params`, `gflops` that
+psdet.cost measures at each evaluation). A configuration whose loss went non-finite ends
+with a row of NaN at that epoch (its real trial errors there). The schema metadata holds
+the machine, torch version, git commit(s), command line, date, space file and text,
+overrides, synthetic data and epochs.
 
 **replay** runs whole sweeps against that table instead of training. One local Ray
 (127.0.0.1, 2 CPUs, no dashboard); for each seed and strategy a Tuner from
@@ -64,6 +68,25 @@ Last line: `search_quality: ratio=X random_fifo_epochs=A tpe_asha_epochs=B targe
 budget_epochs=N tpe_asha_best=... random_fifo_best=... seeds=S`, X = A / B (medians of
 epochs to target; `inf` where random+fifo's median run never reached it, `nan` where
 neither did, 0 where only tpe+asha's did not).
+
+**replay-mo** compares, on a table of a two-objective space (search_spaces/pareto.yaml:
+slot AP against latency), three strategies at an equal budget in epochs (`--budget`,
+default the space's num_samples x epochs), each a Tuner from `build_tuner` with the
+space's own (multi-objective) sampler: **MO-ASHA** (the space's scheduler, as the sweep
+runs it), **FIFO** (no early stopping) and **ASHA(first objective)** (Ray's ASHA, the
+sweep's `BaselineASHA`, on the first objective alone with the same rungs; handed to
+`build_tuner` as its `scheduler`). Up to `--trials` trials a run (default: the budget over
+the grace period, so that even a run that stops every trial at its first rung can spend
+the budget), the space's concurrency, no time or spending budget. A `ParetoAccount` on the
+driver counts results in arrival order; when the budget's epoch arrives it keeps the
+trials completed by then (their last epoch reported) with their final objective values,
+and the run's figure is the **hypervolume** of those points (orchestrate.pareto.
+hypervolume_2d, exact) from a fixed reference point: per objective the worst value in the
+whole table (any config, any epoch), printed. The table shows medians and quartiles per
+strategy, and the median as a fraction of the recorded configs' own front (the most any
+run can reach: a replayed trial is a recorded config). Last line: `search_quality_mo: hv
+MO-ASHA=A FIFO=B ASHA(slot_ap)=C table_front=T budget_epochs=N seeds=S reference=R1,R2`.
+`--small`: 2 seeds (CI).
 
 **live** checks the replay against real training: each of the four strategies once, as
 a whole sweep of `--trials` trials through `orchestrate/tune.py` (a space file written
@@ -109,7 +132,7 @@ from orchestrate.search import strip_baseline  # noqa: E402
 from orchestrate.space import DefineByRun, Param, SweepSpec, baseline_params, load_space, trial_config  # noqa: E402
 from psdet.config import config_from_dict, parse_override, set_dotted, to_dict  # noqa: E402
 from psdet.errors import ConfigError, UserError  # noqa: E402
-from psdet.reporting import TOTAL_EPOCHS  # noqa: E402
+from psdet.reporting import COST_METRICS, TOTAL_EPOCHS  # noqa: E402
 
 EXIT_USER_ERROR = 2
 NUM_CPUS = 2
@@ -120,7 +143,11 @@ CHOICE_PENALTY = 1000.0  # per differing choice: above any distance in the unit 
 STRATEGIES = ("random+fifo", "random+asha", "tpe+fifo", "tpe+asha")
 DEFAULT_SPACE = ROOT / "search_spaces" / "lr.yaml"
 DEFAULT_TABLE = ROOT / "benchmarks" / "data" / "search_quality.parquet"
+DEFAULT_PARETO_TABLE = ROOT / "benchmarks" / "data" / "search_quality_pareto.parquet"
 RUN_TIMEOUT_S = 900
+# Ray 2.60 gives a new local node 30 s to register its raylet, which a loaded 2-core VM misses
+# now and then (the raylet waits on its Python agents): a few more tries, not a longer wait.
+RAY_START_ATTEMPTS = 4
 LIVE_TIMEOUT_S = 3600  # one live sweep
 
 
@@ -288,8 +315,10 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def _columns(spec: SweepSpec) -> tuple[str, ...]:
-    metric = spec.experiment.metric
-    return EPOCH_COLUMNS if metric in EPOCH_COLUMNS else (*EPOCH_COLUMNS, metric)
+    """What is kept per epoch: EPOCH_COLUMNS, then each of the space's objectives not among
+    them; a multi-objective space also keeps every cost metric (psdet.cost)."""
+    wanted = [metric for metric, _ in spec.objectives] + (list(COST_METRICS) if spec.multi_objective else [])
+    return (*EPOCH_COLUMNS, *dict.fromkeys(metric for metric in wanted if metric not in EPOCH_COLUMNS))
 
 
 def record(args: argparse.Namespace) -> int:
@@ -695,23 +724,23 @@ def _describe(sampler) -> str:
     return f"startup {sampler.n_startup_trials}, {joint}, {'liar' if sampler.constant_liar else 'no liar'}"
 
 
-def replay_run(recorded: Recorded, run_spec: SweepSpec, data: ReplayData, target: float, storage_root: Path,
-               name: str, timeout_s: int = RUN_TIMEOUT_S) -> dict[str, Any]:
-    """One whole sweep of `run_spec` over the replayed trainable; -> EpochAccount.summary()."""
+def replay_run(run_spec: SweepSpec, data: ReplayData, account, storage_root: Path, name: str,
+               scheduler=None, timeout_s: int = RUN_TIMEOUT_S) -> dict[str, Any]:
+    """One whole sweep of `run_spec` over the replayed trainable, its results counted by
+    `account` (an EpochAccount or a ParetoAccount); -> account.summary(). `scheduler`: one
+    in place of the space's (build_tuner's `scheduler`)."""
     import optuna
     from ray import tune
 
     from orchestrate.tuner import build_tuner
 
-    e = run_spec.experiment
-    account = EpochAccount(e.metric, e.mode, target, recorded.budget_epochs())
     ledger = storage_root / f"{name}.json"
-    concurrency = e.max_concurrent
+    concurrency = run_spec.experiment.max_concurrent
     trainable = tune.with_resources(tune.with_parameters(replay_trial, replay=data),
                                     {"CPU": min(1.0, NUM_CPUS / concurrency)})
     tuner = build_tuner(run_spec, trainable, name=name, storage_root=str(storage_root),
                         study_storage=optuna.storages.InMemoryStorage(), concurrency=concurrency,
-                        callbacks=[_ledger_callback(account, ledger)])
+                        callbacks=[_ledger_callback(account, ledger)], scheduler=scheduler)
     with deadline(timeout_s, f"replay run '{name}'"), contextlib.redirect_stdout(sys.stderr):
         results = tuner.fit()
     if results.errors:
@@ -764,8 +793,9 @@ def replay_all(recorded: Recorded, seeds: int, trials: int, variants: bool, stor
             strategy, sampler, scheduler = plans[label]
             started = time.monotonic()
             name = f"{label.replace('+', '_').replace(' ', '_').replace(',', '').replace('.', '_')}-seed{seed}"
-            summary = replay_run(recorded, strategy_spec(spec, strategy, seed, trials, sampler, scheduler), data,
-                                 target, storage_root, name)
+            account = EpochAccount(spec.experiment.metric, spec.experiment.mode, target, recorded.budget_epochs())
+            summary = replay_run(strategy_spec(spec, strategy, seed, trials, sampler, scheduler), data, account,
+                                 storage_root, name)
             runs[label].append({"seed": seed, **summary})
             print(f"seed {seed:>2} {label:<12}: {summary['epochs_to_target']} epochs to target, best at budget "
                   f"{summary['best_at_budget']:.3f}, {summary['trials']} trials / {summary['epochs']} epochs, "
@@ -813,8 +843,7 @@ def replayed_space(recorded: Recorded, table: str, space: str | None) -> SweepSp
     spec = with_overrides(load_space(path), json.loads(recorded.metadata["overrides"]))
     then = recorded.spec
     for what, now, was in (("search section", spec.search, then.search), ("base config", spec.base_tree, then.base_tree),
-                           ("metric", (spec.experiment.metric, spec.experiment.mode),
-                            (then.experiment.metric, then.experiment.mode))):
+                           ("metric", spec.objectives, then.objectives)):
         if now != was:
             raise UserError(f"{path}: its {what} differs from the one {table} was recorded with; record it again "
                             f"(python benchmarks/search_quality.py record --space {path} --out {table})")
@@ -886,6 +915,190 @@ def replay(args: argparse.Namespace) -> int:
                        tpe_asha_epochs=f"{tpe_asha['epochs']:.1f}", target=f"{target:.3f}", budget_epochs=budget,
                        tpe_asha_best=f"{tpe_asha['best']:.3f}", random_fifo_best=f"{random_fifo['best']:.3f}",
                        seeds=seeds))
+    return 0
+
+
+# ----------------------------------------------------------------------------- replay-mo: hypervolume at equal budget
+
+
+def mo_strategies(spec: SweepSpec) -> tuple[str, str, str]:
+    """The three multi-objective strategies: the space's MO-ASHA, no early stopping, and
+    Ray's ASHA on the first objective alone."""
+    return "MO-ASHA", "FIFO", f"ASHA({spec.objectives[0][0]})"
+
+
+def mo_strategy_spec(spec: SweepSpec, strategy: str, seed: int, trials: int) -> SweepSpec:
+    """The recorded multi-objective space as `strategy` runs it: the space's own sampler and
+    rungs every time, the scheduler off for FIFO, the seed, `trials` trials, no time or
+    spending budget (the replay counts its budget in epochs on the driver)."""
+    from orchestrate.space import Budget
+
+    scheduler = dataclasses.replace(spec.scheduler, type="none" if strategy == "FIFO" else "asha")
+    return dataclasses.replace(spec, scheduler=scheduler, experiment=dataclasses.replace(
+        spec.experiment, seed=seed, num_samples=trials, time_budget_s=None, budget=Budget()))
+
+
+def mo_scheduler(run_spec: SweepSpec, strategy: str):
+    """The scheduler build_tuner is handed for `strategy`: None (the space's own: MO-ASHA,
+    or FIFO) or, for ASHA on the first objective, `build_scheduler` of the space reduced to
+    that objective (Ray's ASHA with the same rungs, sparing the baseline)."""
+    from orchestrate.tuner import build_scheduler
+
+    if strategy != mo_strategies(run_spec)[2]:
+        return None
+    single = dataclasses.replace(run_spec, experiment=dataclasses.replace(run_spec.experiment, objectives=()))
+    return build_scheduler(single)
+
+
+class ParetoAccount:
+    """The epochs one run spends, counted on the driver in the order results arrive (one
+    result = one epoch of one trial), and the trials that completed: reported their last
+    (`max_epochs`-th) epoch, with finite objectives. `at_budget`: the completed trials'
+    objective values once `budget` epochs are spent (the epoch that reaches it included)."""
+
+    def __init__(self, objectives: tuple[tuple[str, str], ...], max_epochs: int, budget: int) -> None:
+        self.objectives, self.max_epochs, self.budget = objectives, max_epochs, budget
+        self.epochs = 0
+        self.completed: list[list[float]] = []
+        self.at_budget: list[list[float]] | None = None
+        self.trials: dict[str, dict[str, Any]] = {}  # in the order of their first result
+
+    def add(self, trial_id: str, result: dict[str, Any], params: dict[str, Any] | None = None) -> None:
+        self.epochs += 1
+        trial = self.trials.setdefault(trial_id, {"config_id": result.get("config_id"), "epochs": 0,
+                                                  "params": params, "completed_at": None})
+        trial["epochs"] += 1
+        values = [result.get(metric) for metric, _ in self.objectives]
+        if result.get("epoch", 0) >= self.max_epochs and all(
+                isinstance(value, (int, float)) and math.isfinite(value) for value in values):
+            self.completed.append([float(value) for value in values])
+            trial["completed_at"] = self.epochs
+        if self.epochs == self.budget:
+            self.at_budget = [list(point) for point in self.completed]
+
+    def summary(self) -> dict[str, Any]:
+        """points_at_budget (the completed trials' objectives at the budget, or at the end if
+        the run spent fewer epochs), epochs and trials in all, completed trials, and each
+        trial's recorded config, epochs, parameters and the epoch count at its completion."""
+        return {"points_at_budget": self.at_budget if self.at_budget is not None else self.completed,
+                "epochs": self.epochs, "trials": len(self.trials), "completed": len(self.completed),
+                "trial_log": list(self.trials.values())}
+
+
+def reference_point(recorded: Recorded) -> list[float]:
+    """Per objective, the worst value in the whole table (every config, every epoch): the
+    fixed corner the hypervolumes are measured from."""
+    reference = []
+    for metric, mode in recorded.spec.objectives:
+        values = np.concatenate([curve[metric] for curve in recorded.curves])
+        values = values[np.isfinite(values)]
+        reference.append(float(values.min() if mode == "max" else values.max()))
+    return reference
+
+
+def front_hypervolume(points: list[list[float]], reference: list[float], objectives) -> float:
+    """The hypervolume of `points` (objective values) from `reference`, both objectives' modes applied."""
+    from orchestrate.pareto import gains, hypervolume_2d
+
+    modes = [mode for _, mode in objectives]
+    return hypervolume_2d([gains(point, modes) for point in points], gains(reference, modes))
+
+
+def replay_mo_all(recorded: Recorded, seeds: int, trials: int, budget: int, storage_root: Path,
+                  epoch_s: float = EPOCH_S) -> dict[str, list[dict]]:
+    """Runs of the three multi-objective strategies for seeds 0..seeds-1, their order
+    rotating each seed; -> label -> one ParetoAccount summary per seed, with `hypervolume`
+    of its points at the budget. Needs a running Ray."""
+    spec = recorded.spec
+    reference = reference_point(recorded)
+    data = ReplayData(lookup=NearestConfig(spec.search, recorded.configs), curves=recorded.curves,
+                      columns=recorded.columns, epochs=spec.max_epochs, epoch_s=epoch_s)
+    labels = list(mo_strategies(spec))
+    runs: dict[str, list[dict]] = {label: [] for label in labels}
+    for seed in range(seeds):
+        shift = seed % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            started = time.monotonic()
+            run_spec = mo_strategy_spec(spec, label, seed, trials)
+            name = f"mo_{label.replace('(', '_').replace(')', '').replace('-', '_')}-seed{seed}"
+            account = ParetoAccount(spec.objectives, spec.max_epochs, budget)
+            summary = replay_run(run_spec, data, account, storage_root, name, scheduler=mo_scheduler(run_spec, label))
+            summary["hypervolume"] = front_hypervolume(summary["points_at_budget"], reference, spec.objectives)
+            runs[label].append({"seed": seed, **summary})
+            print(f"seed {seed:>2} {label:<14}: hypervolume {summary['hypervolume']:.4f} from "
+                  f"{len(summary['points_at_budget'])} completed trials at the budget, {summary['trials']} trials / "
+                  f"{summary['epochs']} epochs, {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+    return runs
+
+
+def check_multi_objective(recorded: Recorded, table: str) -> None:
+    spec = recorded.spec
+    if len(spec.objectives) != 2:
+        raise UserError(f"--table {table}: replay-mo compares two-objective sweeps, but {spec.path} has "
+                        f"{len(spec.objectives)} objective(s) (record a space with experiment.objectives)")
+    if spec.scheduler.type != "asha":
+        raise UserError(f"{spec.path}: replay-mo compares the space's MO-ASHA with FIFO, but its scheduler is "
+                        f"{spec.scheduler.type}")
+
+
+def replay_mo(args: argparse.Namespace) -> int:
+    recorded = read_table(args.table)
+    recorded = dataclasses.replace(recorded, spec=replayed_space(recorded, args.table, args.space))
+    check_multi_objective(recorded, args.table)
+    spec, meta = recorded.spec, recorded.metadata
+    seeds = args.seeds if args.seeds is not None else 2 if args.small else 20
+    budget = args.budget if args.budget is not None else recorded.budget_epochs()
+    # enough trials that even a run stopping every trial at the first rung can spend the budget
+    trials = args.trials if args.trials is not None else math.ceil(budget / spec.scheduler.grace_period)
+    if seeds < 1 or trials < 1 or budget < 1:
+        raise UserError("--seeds, --trials and --budget must be >= 1")
+    reference = reference_point(recorded)
+    finals = [[float(curve[metric][-1]) for metric, _ in spec.objectives] for curve in recorded.curves
+              if len(curve["epoch"]) == spec.max_epochs]
+    table_hv = front_hypervolume(finals, reference, spec.objectives)
+    objectives = ", ".join(f"{mode} {metric}" for metric, mode in spec.objectives)
+    labels = mo_strategies(spec)
+    import ray
+
+    print(f"search quality, multi-objective replay of {args.table}: {len(recorded.configs)} configs of "
+          f"{meta['space_file']} ({spec.max_epochs} epochs" + (f", overrides {' '.join(json.loads(meta['overrides']))}"
+                                                               if json.loads(meta["overrides"]) else "")
+          + f"), recorded {meta.get('date', '?')} on {meta.get('machine', '?')}, commit {meta.get('commit', '?')}")
+    print(f"objectives: {objectives}; hypervolume of the completed trials' final values from the reference point "
+          f"{', '.join(f'{metric} {value:.4g}' for (metric, _), value in zip(spec.objectives, reference))} (the "
+          f"worst recorded value of each, any epoch); the {len(finals)} recorded configs' own front: {table_hv:.4f}")
+    print(f"budget: {budget} epochs per run (counted in arrival order; a trial running when it is spent does not "
+          f"count); each run: up to {trials} trials, {spec.experiment.max_concurrent} at a time, the space's "
+          f"sampler ({spec.sampler.type}" + (f", {_describe(spec.sampler)}" if spec.sampler.type == "tpe" else "")
+          + f"); {labels[0]} and {labels[2]}: rungs from epoch "
+          f"{spec.scheduler.grace_period}, reduction {spec.scheduler.reduction_factor:g} (the baseline is never "
+          f"stopped); seeds 0..{seeds - 1}; trials replay the nearest recorded config, {EPOCH_S:g} s per epoch; one "
+          f"local Ray ({NUM_CPUS} CPUs, Ray {ray.__version__}) for all runs\n", flush=True)
+    with tempfile.TemporaryDirectory(prefix="psdet-search-quality-mo-") as tmp, replay_ray():
+        started = time.monotonic()
+        runs = replay_mo_all(recorded, seeds, trials, budget, Path(tmp))
+        wall_s = time.monotonic() - started
+    if args.runs_json:
+        Path(args.runs_json).write_text(json.dumps({"reference": reference, "table_hypervolume": table_hv,
+                                                    "budget_epochs": budget, "runs": runs}, indent=1, default=str))
+    print(f"hypervolume at {budget} epochs, medians and quartiles over {seeds} seeds ('of table': the median over "
+          "the recorded configs' own front)")
+    table = Table(Column("strategy", "<14"), Column("runs", "4d"), Column("hypervolume", "11.4f"),
+                  Column("p25", "7.4f"), Column("p75", "7.4f"), Column("of table", "8.2f"),
+                  Column("completed at budget", "19.1f"), Column("epochs/trial", "12.1f"))
+    table.print_header()
+    medians = {}
+    for label in labels:
+        volumes = [run["hypervolume"] for run in runs[label]]
+        medians[label] = quantile(volumes, 0.5)
+        completed = quantile([len(run["points_at_budget"]) for run in runs[label]], 0.5)
+        per_trial = sum(run["epochs"] for run in runs[label]) / max(1, sum(run["trials"] for run in runs[label]))
+        table.print_row(label, len(runs[label]), medians[label], quantile(volumes, 0.25), quantile(volumes, 0.75),
+                        medians[label] / table_hv if table_hv > 0 else math.nan, completed, per_trial)
+    print(f"\n{len(labels) * seeds} runs in {wall_s:.0f} s")
+    print("search_quality_mo: hv " + " ".join(f"{label}={medians[label]:.4f}" for label in labels)
+          + f" table_front={table_hv:.4f} budget_epochs={budget} seeds={seeds} reference="
+          + ",".join(f"{value:.4g}" for value in reference))
     return 0
 
 
@@ -962,9 +1175,18 @@ def replay_ray():
     # Each run's ResultGrid looks for the per-trial result files the line above turns off.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     python_path = os.pathsep.join([str(ROOT), str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")])
-    ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False,
-             object_store_memory=256 * 1024 * 1024,
-             runtime_env={"env_vars": {"PYTHONPATH": python_path.rstrip(os.pathsep)}})
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False,
+                     object_store_memory=256 * 1024 * 1024,
+                     runtime_env={"env_vars": {"PYTHONPATH": python_path.rstrip(os.pathsep)}})
+            break
+        except Exception as exc:  # Ray raises a bare Exception when its node misses the start-up deadline
+            ray.shutdown()
+            if "timed out during startup" not in str(exc) or attempt == RAY_START_ATTEMPTS:
+                raise
+            print(f"the local Ray did not start in time (attempt {attempt} of {RAY_START_ATTEMPTS}); trying again",
+                  file=sys.stderr, flush=True)
     try:
         yield
     finally:
@@ -1000,6 +1222,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also random+asha and tpe+asha with other ASHA grace periods and reduction factors")
     rep.add_argument("--small", action="store_true", help="CI: 2 seeds of 6 trials")
     rep.add_argument("--runs-json", metavar="PATH", help="also write every run's figures to PATH")
+    rmo = commands.add_parser("replay-mo", help="hypervolume at equal budget: MO-ASHA, FIFO and ASHA on the first "
+                              "objective alone, over a multi-objective recording")
+    rmo.add_argument("--table", default=str(DEFAULT_PARETO_TABLE.relative_to(ROOT)),
+                     help="a table `record --space` of a multi-objective space wrote")
+    rmo.add_argument("--space", help="the space whose sampler and scheduler are replayed (default: the recorded "
+                     "space file as it is now); its search section and base config must be the recorded ones")
+    rmo.add_argument("--seeds", type=int, default=None, help="runs per strategy, seeds 0.. (default 20)")
+    rmo.add_argument("--budget", type=int, default=None,
+                     help="epochs per run (default: the space's num_samples x epochs)")
+    rmo.add_argument("--trials", type=int, default=None,
+                     help="trials per run at most (default: budget / grace period, rounded up)")
+    rmo.add_argument("--small", action="store_true", help="CI: 2 seeds")
+    rmo.add_argument("--runs-json", metavar="PATH", help="also write every run's figures to PATH")
     liv = commands.add_parser("live", help="run the four strategies once each, really training, on the space")
     liv.add_argument("--space", default=str(DEFAULT_SPACE.relative_to(ROOT)), help="search-space YAML")
     liv.add_argument("--trials", type=int, default=6, help="trials per strategy (default 6)")
@@ -1013,6 +1248,8 @@ def main(argv: list[str] | None = None) -> int:
             return record(args)
         if args.command == "live":
             return live(args)
+        if args.command == "replay-mo":
+            return replay_mo(args)
         return replay(args)
     except UserError as exc:
         print(f"search_quality.py: error: {' '.join(str(exc).split())}", file=sys.stderr)

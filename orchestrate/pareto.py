@@ -1,5 +1,6 @@
 """Pareto ranking of objective vectors: non-dominated sorting and crowding distance (NSGA-II,
-Deb et al. 2002), shared by the MO-ASHA scheduler and the sweep's results.
+Deb et al. 2002), shared by the MO-ASHA scheduler and the sweep's results; the hypervolume of
+a two-objective front, by which benchmarks/search_quality.py compares search strategies.
 
 Every function takes "gains": one row per point, one column per objective, larger is
 better (`gains(values, modes)` turns max/min objectives into that form). Points are few (the
@@ -65,3 +66,21 @@ def selection_keys(points: Sequence[Sequence[float]]) -> list[tuple[int, float]]
         for i, distance in zip(members, crowding_distances([points[i] for i in members])):
             keys[i] = (front, -distance)
     return keys
+
+
+def hypervolume_2d(points: Sequence[Sequence[float]], reference: Sequence[float]) -> float:
+    """The area that `points` (gains, two objectives) dominate and that dominates `reference`
+    (gains): the union of the rectangles spanned by each point and the reference. Points not
+    better than the reference in both objectives add nothing. Exact: a sweep down the first
+    objective adds, per point, the strip its second objective gains over the best so far.
+    (Optuna computes hypervolumes only in its private `optuna._hypervolume`.)"""
+    if len(reference) != 2 or any(len(point) != 2 for point in points):
+        raise ValueError("hypervolume_2d takes two objectives")
+    ref_x, ref_y = reference
+    inside = sorted(((x, y) for x, y in points if x > ref_x and y > ref_y), reverse=True)
+    area, covered_y = 0.0, ref_y
+    for x, y in inside:
+        if y > covered_y:
+            area += (x - ref_x) * (y - covered_y)
+            covered_y = y
+    return area

@@ -78,13 +78,16 @@ def build_tuner(spec: SweepSpec, trainable: Any, *, name: str, storage_root: str
                 study_storage: optuna.storages.BaseStorage, concurrency: int,
                 callbacks: Sequence[tune.Callback] = (),
                 trial_dirname: Callable[[Any], str] | None = None, use_gpu: bool = False,
-                warm_start: Sequence[optuna.trial.FrozenTrial] = ()) -> tune.Tuner:
+                warm_start: Sequence[optuna.trial.FrozenTrial] = (),
+                scheduler: TrialScheduler | None = None) -> tune.Tuner:
     """The sweep's Tuner: `spec`'s searcher (Optuna, `sampler` section, baseline first,
     `warm_start` trials added to a new study) and scheduler, `concurrency` trials at once,
     results and checkpoints under `storage_root/name`, `experiment.budget` kept by a
     `BudgetGuard` there (`use_gpu`: whether trials hold GPUs). One-worker trials keep
     `fault_tolerance.checkpoints_kept` Tune checkpoints (deleted by a `CheckpointKeeper`)
-    and reuse their process for the next trial."""
+    and reuse their process for the next trial. `scheduler` replaces `build_scheduler(spec)`:
+    the search-quality benchmark's ASHA on one objective of a multi-objective space (a sweep
+    never passes one)."""
     e = spec.experiment
     in_process = spec.resources.workers == 1
     experiment_uri = storage.join(storage_root, name)
@@ -95,7 +98,7 @@ def build_tuner(spec: SweepSpec, trainable: Any, *, name: str, storage_root: str
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher,
-            scheduler=build_scheduler(spec, guard()),
+            scheduler=scheduler if scheduler is not None else build_scheduler(spec, guard()),
             num_samples=e.num_samples, max_concurrent_trials=concurrency, time_budget_s=e.time_budget_s,
             trial_dirname_creator=trial_dirname, reuse_actors=in_process,
         ),

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -299,3 +300,156 @@ def test_replay_runs_every_strategy_and_counts_epochs_by_hand(tmp_path):
             at_budget = best if at_budget is None else at_budget
             assert run["epochs_to_target"] == to_target and run["best_at_budget"] == at_budget
             assert run["epochs"] == spent and (to_target == math.inf or to_target >= 3 + 3)
+
+
+# ----------------------------------------------------------------------------- replay-mo: hypervolume at equal budget
+
+PARETO_SPACE = REPO / "search_spaces" / "pareto.yaml"
+LAST_MO_LINE = re.compile(r"^search_quality_mo: hv (?P<pairs>\S+=\S+(?: \S+=\S+)*)$")
+
+
+def _brute_force_hypervolume(points, reference) -> float:
+    """The dominated area counted cell by cell on the grid of every coordinate (gains, two
+    objectives): a cell counts when some point is at or beyond its upper corner in both."""
+    xs = sorted({reference[0], *(x for x, _ in points if x > reference[0])})
+    ys = sorted({reference[1], *(y for _, y in points if y > reference[1])})
+    area = 0.0
+    for x_low, x_high in zip(xs, xs[1:]):
+        for y_low, y_high in zip(ys, ys[1:]):
+            if any(x >= x_high and y >= y_high for x, y in points):
+                area += (x_high - x_low) * (y_high - y_low)
+    return area
+
+
+def test_hypervolume_2d_matches_a_brute_force_count():
+    from orchestrate.pareto import hypervolume_2d
+
+    # slot AP (max) and -latency ms (min as a gain) from (0, -50): 0.5 x 30 + 0.3 x 10 = 18; the
+    # dominated point, the one no faster than the reference and the one with AP 0 add nothing
+    points = [(0.5, -20.0), (0.3, -10.0), (0.2, -30.0), (0.9, -50.0), (0.0, -5.0)]
+    assert hypervolume_2d(points, (0.0, -50.0)) == pytest.approx(18.0)
+    assert _brute_force_hypervolume(points, (0.0, -50.0)) == pytest.approx(18.0)
+    assert hypervolume_2d([], (0.0, 0.0)) == 0.0
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        count = int(rng.integers(1, 12))
+        points = [tuple(point) for point in rng.integers(-5, 6, size=(count, 2)).astype(float)]
+        reference = tuple(rng.integers(-6, 2, size=2).astype(float))
+        assert hypervolume_2d(points, reference) == pytest.approx(_brute_force_hypervolume(points, reference))
+    with pytest.raises(ValueError):
+        hypervolume_2d([(1.0, 2.0, 3.0)], (0.0, 0.0, 0.0))
+
+
+def test_pareto_account_keeps_the_completed_trials_at_the_budget():
+    account = sq.ParetoAccount((("slot_ap", "max"), ("latency_ms", "min")), max_epochs=2, budget=5)
+    results = [("a", 1, 0.1, 30.0), ("b", 1, 0.2, 10.0), ("a", 2, 0.4, 31.0), ("c", 1, 0.0, 5.0),
+               ("b", 2, 0.3, 11.0), ("c", 2, 0.5, 6.0)]
+    for trial, epoch, slot_ap, latency in results:
+        account.add(trial, {"epoch": epoch, "slot_ap": slot_ap, "latency_ms": latency, "config_id": ord(trial)})
+    summary = account.summary()
+    assert summary["points_at_budget"] == [[0.4, 31.0], [0.3, 11.0]]  # c completes at the sixth epoch
+    assert summary["completed"] == 3 and summary["epochs"] == 6 and summary["trials"] == 3
+    assert [trial["completed_at"] for trial in summary["trial_log"]] == [3, 5, 6]
+    short = sq.ParetoAccount((("slot_ap", "max"), ("latency_ms", "min")), max_epochs=1, budget=10)
+    short.add("a", {"epoch": 1, "slot_ap": math.nan, "latency_ms": 3.0})
+    short.add("b", {"epoch": 1, "slot_ap": 0.2, "latency_ms": 3.0})
+    assert short.summary()["points_at_budget"] == [[0.2, 3.0]]  # ended before the budget; NaN never completes
+
+
+def test_mo_strategies_differ_only_in_the_scheduler():
+    from orchestrate.moasha import MOASHA
+    from orchestrate.tuner import BaselineASHA, build_scheduler
+
+    spec = load_space(PARETO_SPACE)
+    assert sq.mo_strategies(spec) == ("MO-ASHA", "FIFO", "ASHA(slot_ap)")
+    assert sq._columns(spec) == (*sq.EPOCH_COLUMNS, "latency_ms", "params", "gflops")
+    assert sq._columns(load_space(LR_SPACE)) == sq.EPOCH_COLUMNS
+    runs = {label: sq.mo_strategy_spec(spec, label, seed=3, trials=40) for label in sq.mo_strategies(spec)}
+    for run in runs.values():
+        assert run.sampler == spec.sampler and run.search == spec.search and run.objectives == spec.objectives
+        assert (run.experiment.seed, run.experiment.num_samples) == (3, 40)
+        assert not run.experiment.budget.limits() and spec.experiment.budget.limits()  # pareto.yaml has cpu_hours
+    moasha = build_scheduler(runs["MO-ASHA"])
+    assert isinstance(moasha, MOASHA) and sq.mo_scheduler(runs["MO-ASHA"], "MO-ASHA") is None
+    assert runs["FIFO"].scheduler.type == "none" and sq.mo_scheduler(runs["FIFO"], "FIFO") is None
+    single = sq.mo_scheduler(runs["ASHA(slot_ap)"], "ASHA(slot_ap)")
+    assert isinstance(single, BaselineASHA) and (single._metric, single._mode) == ("slot_ap", "max")
+    assert single.budget_milestones == moasha.milestones == [3]  # the same rung, at epoch 3 of 8
+    assert single._reduction_factor == moasha.reduction_factor == 3
+
+
+def _hand_pareto_table(path: Path) -> dict[int, dict[str, list[float]]]:
+    """pareto.yaml run one trial at a time, 2 trials in its budget (6 epochs), 3 epochs a
+    trial, rungs at epochs 1 and 2 keeping half; four configs of slot AP against latency.
+    -> each config's slot AP and latency curves."""
+    text = PARETO_SPACE.read_text()
+    for old, new in [("num_samples: 16", "num_samples: 2"), ("max_concurrent: 2", "max_concurrent: 1"),
+                     ("grace_period: 3", "grace_period: 1"), ("reduction_factor: 3", "reduction_factor: 2")]:
+        assert old in text
+        text = text.replace(old, new)
+    space = path.with_suffix(".yaml")
+    space.write_text(text)
+    spec = sq.with_overrides(load_space(space), ["train.epochs=3"])
+    configs = [baseline_params(spec), {"model.depth_factor": 2, "data.image_size": 128, "optim.lr": 1e-3},
+               {"model.depth_factor": 8, "data.image_size": 320, "optim.lr": 1e-2},
+               {"model.depth_factor": 6, "data.image_size": 192, "optim.lr": 5e-3}]
+    curves = {0: {"slot_ap": [0.1, 0.3, 0.5], "latency_ms": [40.0, 42.0, 41.0]},
+              1: {"slot_ap": [0.0, 0.1, 0.2], "latency_ms": [9.0, 10.0, 9.5]},
+              2: {"slot_ap": [0.2, 0.5, 0.7], "latency_ms": [160.0, 150.0, 155.0]},
+              3: {"slot_ap": [0.05, 0.2, 0.3], "latency_ms": [60.0, 70.0, 65.0]}}
+    rows = [[{"epoch": epoch + 1, "slot_ap": curve["slot_ap"][epoch], "point_ap": curve["slot_ap"][epoch],
+              "loss": 1.0, "train_s": 1.0, "eval_s": 0.1, "latency_ms": curve["latency_ms"][epoch],
+              "params": 1e5, "gflops": 0.1} for epoch in range(3)] for curve in curves.values()]
+    metadata = {"space_file": "hand_pareto.yaml", "space_text": text, "overrides": json.dumps(["train.epochs=3"])}
+    pq.write_table(sq.assemble_table(spec.search, configs, rows, sq._columns(spec), metadata), path)
+    return curves
+
+
+@pytest.mark.timeout(540)
+def test_replay_mo_computes_every_strategys_hypervolume_by_hand(tmp_path):
+    table, runs_json = tmp_path / "hand_pareto.parquet", tmp_path / "runs.json"
+    curves = _hand_pareto_table(table)
+    reference = [0.0, 160.0]  # the worst slot AP and latency of any epoch
+    finals = [[curve["slot_ap"][-1], curve["latency_ms"][-1]] for curve in curves.values()]
+    # the recorded finals' front from (0, 160 ms), a staircase down slot AP: 0.7 (155 ms), 0.5 (41 ms),
+    # 0.2 (9.5 ms); 0.3 at 65 ms is dominated by 0.5 at 41 ms
+    table_hv = 0.7 * 5 + 0.5 * (155 - 41) + 0.2 * (41 - 9.5)
+
+    stdout = _cli(["replay-mo", "--table", str(table), "--small", "--runs-json", str(runs_json)], timeout=530).stdout
+    last = LAST_MO_LINE.match(stdout.strip().splitlines()[-1])
+    assert last, stdout[-2000:]
+    values = dict(pair.split("=", 1) for pair in last["pairs"].split())
+    assert float(values["table_front"]) == pytest.approx(table_hv, abs=1e-3)
+    assert values["budget_epochs"] == "6" and values["seeds"] == "2" and values["reference"] == "0,160"
+    saved = json.loads(runs_json.read_text())
+    assert saved["reference"] == reference and saved["table_hypervolume"] == pytest.approx(table_hv)
+    assert set(saved["runs"]) == {"MO-ASHA", "FIFO", "ASHA(slot_ap)"}
+    recorded = sq.read_table(table)
+    lookup = sq.NearestConfig(recorded.spec.search, recorded.configs)
+    for label, runs in saved["runs"].items():
+        assert re.search(rf"^{re.escape(label)} +2 ", stdout, re.MULTILINE), stdout
+        assert 0 <= float(values[label]) <= table_hv
+        assert len(runs) == 2
+        for run in runs:
+            log = run["trial_log"]
+            assert len(log) == 6 and log[0]["config_id"] == 0  # ceil(6 / grace 1) trials, the baseline first
+            assert all(trial["config_id"] == lookup.nearest(trial["params"]) for trial in log)
+            if label == "FIFO":
+                assert all(trial["epochs"] == 3 for trial in log)
+            # by hand: one trial at a time, so a trial completes after the epochs of those before it
+            spent, points = 0, []
+            for trial in log:
+                spent += trial["epochs"]
+                if trial["epochs"] == 3 and spent <= 6:
+                    points.append(finals[trial["config_id"]])
+            assert run["points_at_budget"] == points
+            assert math.isfinite(run["hypervolume"]) and 0 <= run["hypervolume"] <= table_hv
+            assert run["hypervolume"] == pytest.approx(_brute_force_hypervolume(
+                [(ap, -latency) for ap, latency in points], (reference[0], -reference[1])))
+
+
+def test_replay_mo_refuses_a_single_objective_table(tmp_path):
+    table = tmp_path / "hand.parquet"
+    _hand_table(table)
+    refused = _cli(["replay-mo", "--table", str(table), "--small"], timeout=60, expect=2)
+    assert len(refused.stderr.strip().splitlines()) == 1 and "two-objective" in refused.stderr
