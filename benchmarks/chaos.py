@@ -176,7 +176,6 @@ class Chaos:
         self.scratch, self.prefix, self.rng = scratch, experiment_prefix, rng
         self.driver = Driver(driver_args, env)
         self.drivers = [self.driver]
-        self.finished_lines = 0
 
     def sweep_over(self) -> bool:
         return self.driver.proc.poll() is not None
