@@ -176,7 +176,6 @@ class Chaos:
         self.scratch, self.prefix, self.rng = scratch, experiment_prefix, rng
         self.driver = Driver(driver_args, env)
         self.drivers = [self.driver]
-        self.finished_lines = 0
 
     def sweep_over(self) -> bool:
         return self.driver.proc.poll() is not None
@@ -331,7 +330,7 @@ def params_of(row: dict) -> tuple:
 
 
 def check(faults: list[Fault], s3: S3Server, name: str, reference: str, num_samples: int, scratch: Path,
-          finished: bool) -> dict:
+          finished: bool, drivers: list[Driver]) -> dict:
     import pyarrow.parquet as pq
     import torch
 
@@ -342,6 +341,7 @@ def check(faults: list[Fault], s3: S3Server, name: str, reference: str, num_samp
     lost = num_samples - len(ended)
     params = [params_of(row) for row in rows]
     duplicated = len(params) - len(set(params))
+    tune_ids: set[str] = set()
     if finished:
         study = study_trials(s3.read(f"{prefix}/optuna.journal"), scratch)
         tracked = {t.user_attrs.get("tune_trial_id") for t in study if t.state.name in ("COMPLETE", "PRUNED")}
@@ -376,6 +376,15 @@ def check(faults: list[Fault], s3: S3Server, name: str, reference: str, num_samp
             else:  # never ran again: nothing lost if this run had finished it, else all of it
                 resumed = hit_run.last_step if statuses.get(trial_id) == "completed" else 0
             fault.lost_steps.append(max(hit_run.last_step - resumed, 0))
+    ledger = json.loads(s3.read(f"{prefix}/trials.json")) if finished else {}
+    for trial_id, record in ledger.items():  # what a lost or duplicated trial went through, to find out why
+        if record["status"] not in ("completed", "pruned", "errored") or trial_id not in tune_ids:
+            print(f"trial {trial_id} in trials.json: status {record['status']}, epochs {record['epochs']}, "
+                  f"restarts {record['restarts']}; the drivers said:")
+            for number, driver in enumerate(drivers, start=1):
+                for line in driver.seen:
+                    if (trial_id in line and not re.search(r" epoch \d+/", line)) or "resuming" in line:
+                        print(f"  driver {number}: {line[:200]}")
     for row in rows:
         print(f"trial {row['trial_id']}: {row['status']}{' (' + str(row.get('error')) + ')' if row.get('error') else ''}, "
               f"{len(runs.get(row['trial_id'], []))} run(s), restarts {row.get('restarts')}, "
@@ -495,7 +504,9 @@ def run(args, counts: dict[str, int]) -> int:
         print(f"chaos sweep: {chaos_s:.0f} s, {len(chaos.drivers)} driver(s), the last exited {code}", flush=True)
         if not finished:
             print(chaos.driver.tail(40), flush=True)
-        found = check(faults, s3, "chaos", "reference", args.trials, scratch, finished)
+        for driver in chaos.drivers:
+            driver._drain()
+        found = check(faults, s3, "chaos", "reference", args.trials, scratch, finished, chaos.drivers)
     finally:
         if chaos is not None:
             chaos.stop()

@@ -88,7 +88,7 @@ class TrialLedger(tune.Callback):
         record["wall_base_s"] = record["wall_time_s"]
         record["worker_restarts_base"] = record["worker_restarts"]
         self._session_start[trial.trial_id] = time.time()
-        self._save()
+        self._save(trial)
         print(f"trial {trial.trial_id} started: {_params_text(record['params'])}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
@@ -110,7 +110,7 @@ class TrialLedger(tune.Callback):
         if value is not None and not math.isnan(value) and _better(self.mode, value, record["best"].get(self.metric)):
             record["best"] = dict(metrics)
         self._tick(trial, record)
-        self._save()
+        self._save(trial)
         print(f"trial {trial.trial_id} epoch {record['epochs']}/{record['total_epochs']}: "
               f"{self.metric} {_fmt(value)}, loss {_fmt(metrics.get('loss'))}", flush=True)
 
@@ -118,14 +118,14 @@ class TrialLedger(tune.Callback):
         if self.in_process:  # the checkpoint Tune kept of a one-worker trial's report
             record = self._record(trial)
             record["checkpoint"] = storage.display(self.experiment_uri, checkpoint.path)
-            self._save()
+            self._save(trial)
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         record = self._record(trial)
         if self.in_process:
             record["worker_restarts"] += 1
         self._tick(trial, record)
-        self._save()
+        self._save(trial)
         print(f"trial {trial.trial_id} failed after {record['epochs']} epochs; retrying from its checkpoint",
               flush=True)
 
@@ -134,7 +134,7 @@ class TrialLedger(tune.Callback):
         total = record["total_epochs"]
         record["status"] = "completed" if total and record["epochs"] >= total else "pruned"
         self._tick(trial, record)
-        self._save()
+        self._save(trial)
         print(f"trial {trial.trial_id} {record['status']} after {record['epochs']}/{total} epochs: "
               f"{self.metric} {_fmt(record['final'].get(self.metric))}", flush=True)
 
@@ -143,7 +143,7 @@ class TrialLedger(tune.Callback):
         record["status"] = "errored"
         record["error"] = _error_summary(trial)
         self._tick(trial, record)
-        self._save()
+        self._save(trial)
         print(f"trial {trial.trial_id} errored after {record['epochs']} epochs: {record['error']}", flush=True)
 
     def on_experiment_end(self, trials, **info) -> None:
@@ -151,7 +151,7 @@ class TrialLedger(tune.Callback):
         for trial_id, record in self.records.items():
             if trial_id not in known:
                 record["status"] = "abandoned"
-        self._save()
+        self._save(trials[0] if trials else None)
 
     # -- bookkeeping
 
@@ -171,11 +171,19 @@ class TrialLedger(tune.Callback):
         if started is not None:
             record["wall_time_s"] = record["wall_base_s"] + time.time() - started
 
-    def _save(self) -> None:
-        """Write the whole ledger; in a storage outage, warn once and leave it to the next event's write."""
+    def _save(self, trial) -> None:
+        """Write the whole ledger; in a storage outage, warn once and leave it to the next event's write.
+
+        Also into Tune's driver staging directory (`trial`'s): a restored Tuner copies every
+        .json of the experiment directory there, this one included, and uploads that directory
+        whenever it saves its state, so a stale copy left there would overwrite the ledger in
+        storage with the one the driver started from (found by benchmarks/chaos.py: a trial
+        completed under a resumed driver was `running` again after the next one)."""
+        ledger = json.dumps(self.records, indent=1, sort_keys=True).encode()
+        if trial is not None:
+            storage.write_bytes(str(Path(trial.storage.experiment_driver_staging_path, LEDGER)), ledger)
         try:
-            storage.write_bytes(storage.join(self.experiment_uri, LEDGER),
-                                json.dumps(self.records, indent=1, sort_keys=True).encode())
+            storage.write_bytes(storage.join(self.experiment_uri, LEDGER), ledger)
         except OSError as exc:
             if not self._unsaved:
                 log.warning("could not write %s to %s (%s); it is written again on the next trial event", LEDGER,

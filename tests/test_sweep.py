@@ -359,12 +359,12 @@ def test_a_storage_outage_leaves_the_driver_running_and_the_copies_catch_up(tmp_
     ledger = TrialLedger(str(experiment), "point_ap", "max")
     ledger.records = {"t1": {"status": "running"}}
     mirror.get_state()
-    ledger._save()
+    ledger._save(None)
     experiment.unlink()
     experiment.mkdir()  # storage is back
     mirror.on_trial_result(0, [], None, {})  # within period_s, but the last copy failed
     assert (experiment / "optuna.journal").read_bytes() == local.read_bytes()
-    ledger._save()
+    ledger._save(None)
     assert json.loads((experiment / "trials.json").read_text()) == {"t1": {"status": "running"}}
 
 
