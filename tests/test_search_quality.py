@@ -239,18 +239,24 @@ def test_user_errors_end_in_one_line_and_exit_2(tmp_path):
     assert "'optim.lr' is searched" in searched.stderr and len(searched.stderr.strip().splitlines()) == 1
 
 
-def _hand_table(path: Path) -> dict[str, list[float]]:
-    """The demo space run one trial at a time, 2 trials in its budget, 3 epochs a trial, ASHA
-    grace 1 and reduction 2; four configs of which only config 1 reaches the target, and only
-    at its third epoch. -> each config's slot AP curve."""
-    text = LR_SPACE.read_text()
-    for old, new in [("num_samples: 12", "num_samples: 2"), ("max_concurrent: 2 ", "max_concurrent: 1 "),
-                     ("grace_period: 3", "grace_period: 1"), ("reduction_factor: 3", "reduction_factor: 2")]:
+def _one_at_a_time(source: Path, path: Path, edits: list[tuple[str, str]]):
+    """`source` with `edits` (its trial count and concurrency), ASHA at grace 1 and reduction 2,
+    written beside `path`, loaded with 3 epochs a trial. -> (the spec, the space's text)."""
+    text = source.read_text()
+    for old, new in [*edits, ("grace_period: 3", "grace_period: 1"), ("reduction_factor: 3", "reduction_factor: 2")]:
         assert old in text
         text = text.replace(old, new)
     space = path.with_suffix(".yaml")
     space.write_text(text)
-    spec = sq.with_overrides(load_space(space), ["train.epochs=3"])
+    return sq.with_overrides(load_space(space), ["train.epochs=3"]), text
+
+
+def _hand_table(path: Path) -> dict[str, list[float]]:
+    """The demo space run one trial at a time, 2 trials in its budget, 3 epochs a trial, ASHA
+    grace 1 and reduction 2; four configs of which only config 1 reaches the target, and only
+    at its third epoch. -> each config's slot AP curve."""
+    spec, text = _one_at_a_time(LR_SPACE, path, [("num_samples: 12", "num_samples: 2"),
+                                                 ("max_concurrent: 2 ", "max_concurrent: 1 ")])
     configs = [baseline_params(spec), *_hand_configs()[1:]]
     slot_ap = {0: [0.1, 0.15, 0.2], 1: [0.5, 0.6, 0.9], 2: [0.3, 0.35, 0.4], 3: [0.2, 0.25, 0.3]}
     curves = [[{"epoch": epoch + 1, "slot_ap": value, "point_ap": value, "loss": 1 - value, "train_s": 1.0,
@@ -382,14 +388,8 @@ def _hand_pareto_table(path: Path) -> dict[int, dict[str, list[float]]]:
     """pareto.yaml run one trial at a time, 2 trials in its budget (6 epochs), 3 epochs a
     trial, rungs at epochs 1 and 2 keeping half; four configs of slot AP against latency.
     -> each config's slot AP and latency curves."""
-    text = PARETO_SPACE.read_text()
-    for old, new in [("num_samples: 16", "num_samples: 2"), ("max_concurrent: 2", "max_concurrent: 1"),
-                     ("grace_period: 3", "grace_period: 1"), ("reduction_factor: 3", "reduction_factor: 2")]:
-        assert old in text
-        text = text.replace(old, new)
-    space = path.with_suffix(".yaml")
-    space.write_text(text)
-    spec = sq.with_overrides(load_space(space), ["train.epochs=3"])
+    spec, text = _one_at_a_time(PARETO_SPACE, path, [("num_samples: 16", "num_samples: 2"),
+                                                     ("max_concurrent: 2", "max_concurrent: 1")])
     configs = [baseline_params(spec), {"model.depth_factor": 2, "data.image_size": 128, "optim.lr": 1e-3},
                {"model.depth_factor": 8, "data.image_size": 320, "optim.lr": 1e-2},
                {"model.depth_factor": 6, "data.image_size": 192, "optim.lr": 5e-3}]

@@ -155,6 +155,20 @@ def test_smoke_sweep(ray_cluster, env, tmp_path, workers):
         assert trial.value == pytest.approx(row["final_point_ap"])
 
 
+def twin_space(path: Path, workers: int, overrides: dict, **changes) -> Path:
+    """Two trials of one config (lr 0.003) side by side on `workers` workers, no early
+    stopping, two worker restarts and no trial retry; the experiment is named after `path`."""
+    resources = {} if workers == 2 else {"resources__ALL": ONE_WORKER}
+    return space_file(
+        path, **resources, **changes,
+        experiment__name=path.stem, experiment__num_samples=2, experiment__max_concurrent=2,
+        experiment__overrides={**yaml.safe_load(SMOKE.read_text())["experiment"]["overrides"], **overrides},
+        search__ALL={"optim.lr": {"type": "choice", "values": [0.003]}},
+        scheduler__ALL={"type": "none"},
+        fault_tolerance__ALL={"worker_max_failures": 2, "trial_max_failures": 0, "checkpoints_kept": 2},
+    )
+
+
 def rank0_pid(trial_dir: Path) -> int:
     """The process of rank 0 of the trial in `trial_dir` (a Ray Train worker, or the trial's
     own process for one worker), as the engine logs it."""
@@ -185,15 +199,7 @@ def test_every_listening_socket_of_a_local_sweep_is_on_loopback(env, tmp_path):
 @pytest.mark.parametrize("workers", [2, 1])
 def test_worker_killed_mid_trial_resumes_exactly(ray_cluster, env, tmp_path, workers):
     # Twin trials of one config, side by side; rank 0 of the first to finish an epoch is killed.
-    resources = {} if workers == 2 else {"resources__ALL": ONE_WORKER}
-    space = space_file(
-        tmp_path / "twins.yaml", **resources,
-        experiment__name="twins", experiment__num_samples=2, experiment__max_concurrent=2,
-        experiment__overrides={**yaml.safe_load(SMOKE.read_text())["experiment"]["overrides"], "train.epochs": 4},
-        search__ALL={"optim.lr": {"type": "choice", "values": [0.003]}},
-        scheduler__ALL={"type": "none"},
-        fault_tolerance__ALL={"worker_max_failures": 2, "trial_max_failures": 0, "checkpoints_kept": 2},
-    )
+    space = twin_space(tmp_path / "twins.yaml", workers, {"train.epochs": 4})
     storage = tmp_path / "runs"
     experiment = storage / "twins"
     sweep = Driver([*TUNE, "--space", space, "--address", ray_cluster.address, "--storage", storage], env)
@@ -297,17 +303,8 @@ def test_sigterm_to_a_worker_is_a_preemption_no_step_lost(ray_cluster, env, tmp_
     """SIGTERM to rank 0 mid-epoch (a spot notice) inside Ray: the step in flight finishes, the
     engine checkpoints exactly that step and stops; the trial's next attempt starts at the step
     after it, and ends bit for bit like an uninterrupted twin."""
-    resources = {} if workers == 2 else {"resources__ALL": ONE_WORKER}
-    overrides = {**yaml.safe_load(SMOKE.read_text())["experiment"]["overrides"],
-                 "train.epochs": 3, "train.ckpt_every_steps": 2}
-    space = space_file(
-        tmp_path / "preempted.yaml", **resources,
-        experiment__name="preempted", experiment__num_samples=2, experiment__max_concurrent=2,
-        experiment__overrides=overrides, experiment__synthetic_data={"train": 48, "val": 8, "seed": 0},
-        search__ALL={"optim.lr": {"type": "choice", "values": [0.003]}},
-        scheduler__ALL={"type": "none"},
-        fault_tolerance__ALL={"worker_max_failures": 2, "trial_max_failures": 0, "checkpoints_kept": 2},
-    )
+    space = twin_space(tmp_path / "preempted.yaml", workers, {"train.epochs": 3, "train.ckpt_every_steps": 2},
+                       experiment__synthetic_data={"train": 48, "val": 8, "seed": 0})
     storage = tmp_path / "runs"
     experiment = storage / "preempted"
     sweep = Driver([*TUNE, "--space", space, "--address", ray_cluster.address, "--storage", storage], env)
