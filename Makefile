@@ -8,8 +8,8 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 # The fast tier: everything but the Ray sweeps and clusters, the learning test and the
 # benchmark smoke runs and the report's browser and client tests (about a minute on an idle 2-core machine).
-SLOW_TESTS := tests/test_sweep.py tests/test_cluster.py tests/test_benchmarks.py tests/test_learning.py \
-	tests/test_search_quality.py tests/test_report.py tests/test_sweep_objectives.py
+SLOW_TESTS := tests/test_sweep.py tests/test_cluster.py tests/test_benchmarks.py tests/test_benchmarks_on_ray.py tests/test_learning.py \
+	tests/test_search_quality.py tests/test_search_quality_replay.py tests/test_report.py tests/test_sweep_objectives.py
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -24,15 +24,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(PY) orchestrate/tune.py --space search_spaces/lr.yaml
 
-# `make test` runs in one process: with two (pytest-xdist, TEST_WORKERS=2) two modules' Rays
-# start side by side and one GCS failed its token check, and a two-worker smoke sweep ran past
-# its timeout at load 19 (2026-12-01, fresh clone). The fast tier has no Ray and runs in two
-# processes, whole modules each (FAST_WORKERS=0 for one).
-TEST_WORKERS ?= 0
+# `make test` runs two test processes (pytest-xdist): every test that starts a Ray runs in one
+# of them, one after another (the "ray" group of tests/conftest.py: two Rays side by side on
+# two cores made timeouts), and the other runs everything else beside it. TEST_WORKERS=0: one
+# process. The fast tier has no Ray and runs in two processes, whole modules each
+# (FAST_WORKERS=0 for one).
+TEST_WORKERS ?= 2
 FAST_WORKERS ?= 2
 
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=30
 
 test-fast: setup
 	$(PY) -m pytest -q -n $(FAST_WORKERS) --dist loadfile $(addprefix --ignore=,$(SLOW_TESTS))

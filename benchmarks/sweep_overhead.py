@@ -39,7 +39,9 @@ report_pct_of_epoch=... rss_growth_pct=... sweep_trial_s=...` with ratio = ours 
 to teardown end, medians; floor_ratio = bare in Tune / bare (Ray's own floor for a trial of
 a sweep), ours_vs_floor = ours / bare in Tune (what our wrapper adds beyond it). `--small`: one round without
 "bare in Tune" and without the warm-up trial (so the first, cold trial is in it: its
-ratio is no figure), a smaller real trial (128x128, 32 + 8 images), 3 back-to-back trials.
+ratio is no figure), a smaller real trial (128x128, 32 + 8 images), 3 back-to-back one-worker trials in part 3
+(a TorchTrainer trial costs about 35 s of process starts on 2 cores; the smoke test checks
+the code, not the figure).
 """
 from __future__ import annotations
 
@@ -321,23 +323,30 @@ class TrialEnds(tune.Callback):
         self.ends.append((time.time(), rss_mib()))
 
 
-def sweep(work: Workdir, num_trials: int, reuse_actors: bool) -> list[tuple[float, float]]:
-    """`num_trials` back-to-back no-op trials of ours in one Tuner; -> (seconds, driver RSS MiB) per trial."""
+def sweep(work: Workdir, num_trials: int, reuse_actors: bool, one_worker: bool = False) -> list[tuple[float, float]]:
+    """`num_trials` back-to-back no-op trials of ours in one Tuner (TorchTrainer trials, or
+    `one_worker` trials in their own process); -> (seconds, driver RSS MiB) per trial."""
     label = work.label("sweep")
-    setup = trial_setup(SPACE, str(Path(work.storage, label)))
     loop_config = {"stamp_dir": str(work.stamps), "label": label + "-{trial_id}"}
+    if one_worker:
+        trainable, trial_cpus = tune.with_parameters(ours_in_process_noop, loop_config=loop_config), 1.0
+    else:
+        setup = trial_setup(SPACE, str(Path(work.storage, label)))
+        trainable = tune.with_parameters(ours_trial, setup=setup, loop=ours_noop_loop, loop_config=loop_config)
+        trial_cpus = None
     ends = TrialEnds()
     start = time.time()
-    tuner(tune.with_parameters(ours_trial, setup=setup, loop=ours_noop_loop, loop_config=loop_config), work, label,
-          num_samples=num_trials, callbacks=[ends], reuse_actors=reuse_actors)
+    tuner(trainable, work, label, num_samples=num_trials, callbacks=[ends], reuse_actors=reuse_actors,
+          trial_cpus=trial_cpus)
     times = [finished for finished, _ in ends.ends]
     return [(finished - previous, rss) for (finished, rss), previous in zip(ends.ends, [start] + times[:-1])]
 
 
-def bench_driver_rss(work: Workdir, num_trials: int) -> tuple[float, float]:
+def bench_driver_rss(work: Workdir, num_trials: int, one_worker: bool) -> tuple[float, float]:
     """Part 3; -> (RSS growth from trial 2 to the last in %, median seconds per trial after the first)."""
-    trials = sweep(work, num_trials, reuse_actors=False)
-    print(f"3. driver RSS over {num_trials} back-to-back no-op trials of ours in one Tuner (as tune.py runs them)")
+    trials = sweep(work, num_trials, reuse_actors=False, one_worker=one_worker)
+    kind = "one-worker trials in their own process" if one_worker else "TorchTrainer trials"
+    print(f"3. driver RSS over {num_trials} back-to-back no-op trials of ours in one Tuner ({kind}, as tune.py runs them)")
     table = Table(Column("trial", "5d"), Column("trial s", "8.1f"), Column("driver RSS MiB", "14.1f"),
                   Column("vs trial 2", "10"))
     table.print_header()
@@ -378,7 +387,7 @@ def main() -> None:
         work = Workdir(Path(tmp))
         totals = bench_fixed_cost(work, variants, rounds)
         report_s, report_pct = bench_report(work, args.small)
-        growth, sweep_trial_s = bench_driver_rss(work, sweep_trials)
+        growth, sweep_trial_s = bench_driver_rss(work, sweep_trials, one_worker=args.small)
         if not args.small:
             bench_reuse_actors(work, rounds=2, trials_per_sweep=3)
     # Ray's floor: a bare trainer in a one-trial Tuner; ours against it is what our wrapper adds

@@ -1,0 +1,98 @@
+"""benchmarks/search_quality.py's replays (`replay`, `replay-mo`) at their smallest, on hand-made
+tables, through the sweep's own Tuner on a local Ray; every figure worked out again by hand.
+No timing is asserted."""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+
+from test_search_quality import (LAST_LINE, LAST_MO_LINE, _brute_force_hypervolume, _cli, _hand_pareto_table,
+                                 _hand_table, sq)
+
+
+@pytest.mark.timeout(240)
+def test_replay_runs_every_strategy_and_counts_epochs_by_hand(tmp_path):
+    table, runs_json = tmp_path / "hand.parquet", tmp_path / "runs.json"
+    slot_ap = _hand_table(table)
+    target = 0.4 + 0.85 * (0.9 - 0.4)  # 95th percentile of the finals 0.2, 0.3, 0.4, 0.9
+    budget = 2 * 3
+
+    stdout = _cli(["replay", "--table", str(table), "--small", "--runs-json", str(runs_json)], timeout=230).stdout
+    last = LAST_LINE.match(stdout.strip().splitlines()[-1])
+    assert last, stdout[-2000:]
+    values = {key: float(value) for key, value in (pair.split("=", 1) for pair in last["pairs"].split())}
+    assert values["target"] == pytest.approx(target, abs=1e-3) and values["budget_epochs"] == budget
+    assert values["seeds"] == 2
+    for strategy in sq.STRATEGIES:
+        assert re.search(rf"^{re.escape(strategy)} +2 +\d/2 ", stdout, re.MULTILINE), stdout
+
+    saved = json.loads(runs_json.read_text())
+    assert set(saved["runs"]) == set(sq.STRATEGIES) and all(len(runs) == 2 for runs in saved["runs"].values())
+    recorded = sq.read_table(table)
+    lookup = sq.NearestConfig(recorded.spec.search, recorded.configs)
+    for strategy, runs in saved["runs"].items():
+        for run in runs:
+            log = run["trial_log"]
+            assert len(log) == 6 and log[0]["config_id"] == 0  # every strategy starts with the baseline
+            assert all(trial["config_id"] == lookup.nearest(trial["params"]) for trial in log)
+            if strategy.endswith("fifo"):
+                assert all(trial["epochs"] == 3 for trial in log)  # no early stopping
+            # by hand: one trial at a time, so its epochs are spent back to back
+            spent, best, to_target, at_budget = 0, -math.inf, math.inf, None
+            for trial in log:
+                for value in slot_ap[trial["config_id"]][:trial["epochs"]]:
+                    spent += 1
+                    best = max(best, value)
+                    if best >= target and to_target == math.inf:
+                        to_target = spent
+                    if spent == budget:
+                        at_budget = best
+            at_budget = best if at_budget is None else at_budget
+            assert run["epochs_to_target"] == to_target and run["best_at_budget"] == at_budget
+            assert run["epochs"] == spent and (to_target == math.inf or to_target >= 3 + 3)
+
+
+@pytest.mark.timeout(540)
+def test_replay_mo_computes_every_strategys_hypervolume_by_hand(tmp_path):
+    table, runs_json = tmp_path / "hand_pareto.parquet", tmp_path / "runs.json"
+    curves = _hand_pareto_table(table)
+    reference = [0.0, 160.0]  # the worst slot AP and latency of any epoch
+    finals = [[curve["slot_ap"][-1], curve["latency_ms"][-1]] for curve in curves.values()]
+    # the recorded finals' front from (0, 160 ms), a staircase down slot AP: 0.7 (155 ms), 0.5 (41 ms),
+    # 0.2 (9.5 ms); 0.3 at 65 ms is dominated by 0.5 at 41 ms
+    table_hv = 0.7 * 5 + 0.5 * (155 - 41) + 0.2 * (41 - 9.5)
+
+    stdout = _cli(["replay-mo", "--table", str(table), "--small", "--runs-json", str(runs_json)], timeout=530).stdout
+    last = LAST_MO_LINE.match(stdout.strip().splitlines()[-1])
+    assert last, stdout[-2000:]
+    values = dict(pair.split("=", 1) for pair in last["pairs"].split())
+    assert float(values["table_front"]) == pytest.approx(table_hv, abs=1e-3)
+    assert values["budget_epochs"] == "6" and values["seeds"] == "2" and values["reference"] == "0,160"
+    saved = json.loads(runs_json.read_text())
+    assert saved["reference"] == reference and saved["table_hypervolume"] == pytest.approx(table_hv)
+    assert set(saved["runs"]) == {"MO-ASHA", "FIFO", "ASHA(slot_ap)"}
+    recorded = sq.read_table(table)
+    lookup = sq.NearestConfig(recorded.spec.search, recorded.configs)
+    for label, runs in saved["runs"].items():
+        assert re.search(rf"^{re.escape(label)} +2 ", stdout, re.MULTILINE), stdout
+        assert 0 <= float(values[label]) <= table_hv
+        assert len(runs) == 2
+        for run in runs:
+            log = run["trial_log"]
+            assert len(log) == 6 and log[0]["config_id"] == 0  # ceil(6 / grace 1) trials, the baseline first
+            assert all(trial["config_id"] == lookup.nearest(trial["params"]) for trial in log)
+            if label == "FIFO":
+                assert all(trial["epochs"] == 3 for trial in log)
+            # by hand: one trial at a time, so a trial completes after the epochs of those before it
+            spent, points = 0, []
+            for trial in log:
+                spent += trial["epochs"]
+                if trial["epochs"] == 3 and spent <= 6:
+                    points.append(finals[trial["config_id"]])
+            assert run["points_at_budget"] == points
+            assert math.isfinite(run["hypervolume"]) and 0 <= run["hypervolume"] <= table_hv
+            assert run["hypervolume"] == pytest.approx(_brute_force_hypervolume(
+                [(ap, -latency) for ap, latency in points], (reference[0], -reference[1])))
