@@ -21,6 +21,7 @@ its next rung (without rungs: its next evaluation).
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from typing import Any
@@ -31,6 +32,7 @@ from orchestrate import storage
 from orchestrate.space import SweepSpec
 
 BUDGET_DIR = "budget"  # one <driver id>.json per driver: {"wall_s": seconds, "stopped": why, if it stopped}
+TICK_S = 1.0  # the least seconds between two writes of a driver's wall time
 LEDGER = "trials.json"  # orchestrate.results.LEDGER (not imported: results imports Ray's tune)
 UNIT_NAMES = {"gpu_hours": "GPU-hours", "cpu_hours": "CPU-hours", "epochs": "epochs", "wall_hours": "wall hours"}
 
@@ -100,6 +102,7 @@ class BudgetGuard:
     def _new_session(self) -> None:
         self.session = uuid.uuid4().hex[:8]
         self.session_started = time.monotonic()
+        self.last_tick = -math.inf
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -121,8 +124,12 @@ class BudgetGuard:
         storage.write_bytes(uri, json.dumps(mine).encode())
 
     def tick(self) -> None:
-        """Write this driver's wall seconds so far into its budget/<id>.json."""
-        self._write(wall_s=time.monotonic() - self.session_started)
+        """Write this driver's wall seconds so far into its budget/<id>.json, at most once a
+        second (the searcher hears each result twice: from the limiter and from StudySync)."""
+        now = time.monotonic()
+        if now - self.last_tick >= TICK_S:
+            self._write(wall_s=now - self.session_started)
+            self.last_tick = now
 
     def refusal(self) -> str | None:
         """Why no new trial may start now, or None."""

@@ -44,33 +44,14 @@ def ray_cluster():
         ray.shutdown()
 
 
-# `make test` runs two test processes (pytest-xdist, `--dist loadgroup`, with the scheduler
-# below). Every module that starts a Ray is in one group, run one module after another in
-# one process, so two Rays never start side by side: two did under --dist loadfile, and one
-# GCS failed its token check. The other process takes the rest, a module at a time. The Ray
-# group goes first, then the slowest modules, so the fast ones fill the gaps at the end.
-RAY_MODULES = ["test_cluster.py", "test_sweep.py", "test_benchmarks_on_ray.py", "test_sweep_objectives.py",
-               "test_search_quality_replay.py", "test_report.py", "test_chaos.py"]
-SLOWEST_FIRST = [*RAY_MODULES, "test_learning.py", "test_benchmarks.py", "test_engine_processes.py",
-                 "test_search_quality.py", "test_fuzz.py", "test_engine.py"]
+# The slowest modules first (each is minutes of Ray, training or benchmark runs), so that under
+# `pytest -n 2 --dist loadfile` the fast modules fill the gaps at the end instead of one long
+# module running alone after everything else.
+SLOWEST_FIRST = ["test_cluster.py", "test_sweep.py", "test_benchmarks_on_ray.py", "test_benchmarks.py",
+                 "test_learning.py", "test_report.py", "test_search_quality_replay.py", "test_search_quality.py",
+                 "test_engine_processes.py", "test_fuzz.py", "test_engine.py"]
 
 
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: index for index, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a module kept
-
-
-def pytest_xdist_make_scheduler(config, log):
-    """Under `--dist loadgroup`: the Ray modules are one work unit, every other module its own.
-    (xdist's own xdist_group marks do not group under pytest 9.2, whose node ids drop the
-    group suffix xdist adds.)"""
-    if config.getvalue("dist") != "loadgroup":
-        return None
-    from xdist.scheduler import LoadScopeScheduling
-
-    class RayApart(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return "ray" if Path(module).name in RAY_MODULES else module
-
-    return RayApart(config, log)

@@ -115,3 +115,23 @@ def test_gpu_train_script_runs_end_to_end_on_cpu(tmp_path):
     predicted = json.loads((tmp_path / "predict.json").read_text())
     assert [Path(p["image"]).name for p in predicted] == ["test_000000.jpg", "test_000001.jpg"]
     assert (tmp_path / "predict-0.png").stat().st_size > 0 and (tmp_path / "predict-1.png").stat().st_size > 0
+
+
+def test_against_commit_runs_both_sides_and_reports_their_ratios():
+    """benchmarks/against_commit.py at its smallest, against HEAD: the exported commit and this
+    checkout each trained and timed a step, and every ratio is the table's head / base."""
+    stdout = _run([sys.executable, "benchmarks/against_commit.py", "--base", "HEAD", "--small"], timeout=600)
+    for side in ("base", "head"):
+        assert re.search(rf"^round 1 {side}: train_s [\d.]+, images_per_s [\d.]+, step_ms [\d.]+$", stdout, re.M), stdout
+    last = re.fullmatch(r"against_commit: train_ratio=(\S+) images_ratio=(\S+) step_ratio=(\S+) base=(\w+)",
+                        stdout.strip().splitlines()[-1])
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                          timeout=30, check=True).stdout.strip()
+    assert last and last[4] == head, stdout[-1000:]
+    rows = re.findall(r"^(?:psdet train, wall s|psdet train, last epoch images/s|train step \(ours row\), ms)\s+"
+                      r"([\d.]+)\s+([\d.]+)\s+([\d.]+)$", stdout, re.M)
+    assert len(rows) == 3, stdout
+    for (base_value, head_value, ratio), said in zip(rows, last.groups()[:3]):
+        assert float(base_value) > 0 and float(head_value) > 0
+        assert float(ratio) == pytest.approx(float(head_value) / float(base_value), abs=0.002)
+        assert float(said) == pytest.approx(float(ratio), abs=0.002)

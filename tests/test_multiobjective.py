@@ -236,6 +236,20 @@ def test_searcher_starts_no_trial_that_would_cross_the_budget(tmp_path, capsys):
     assert guard.exhausted()  # 8 of 8: with stop_running, running trials stop at their next rung
 
 
+def test_a_driver_writes_its_wall_time_at_most_once_a_second(tmp_path, monkeypatch):
+    """The searcher hears every result twice (the limiter's event and StudySync's): the second
+    tick within a second writes nothing; one after it writes the new wall time."""
+    spec = load_space(_space(tmp_path, budget={"epochs": 8}))
+    guard = budget.BudgetGuard(spec, str(tmp_path / "runs" / "mo"), use_gpu=False)
+    clock = iter([100.0, 100.4, 101.5])
+    monkeypatch.setattr(budget.time, "monotonic", lambda: next(clock))
+    guard.session_started = 90.0
+    written = []
+    monkeypatch.setattr(guard, "_write", lambda **fields: written.append(fields))
+    guard.tick(), guard.tick(), guard.tick()
+    assert written == [{"wall_s": 10.0}, {"wall_s": 11.5}]
+
+
 def test_architecture_keys_are_searched_like_any_other(tmp_path):
     from orchestrate.dryrun import sample_params
     from orchestrate.space import trial_config
