@@ -79,6 +79,11 @@ def input_pipeline_compared(stdout: str, values: dict[str, float]) -> None:
     ("input_pipeline", ["--workers", "0", "2"], input_pipeline_compared, 300),
 ])
 def test_benchmark_computes_its_comparison(name, extra_args, compared, timeout):
+    run_small(name, extra_args, compared, timeout)
+
+
+def run_small(name: str, extra_args: list[str], compared, timeout: float) -> None:
+    """`benchmarks/NAME.py --small`; its last line's figures finite and sane, then `compared`."""
     stdout = _run([sys.executable, f"benchmarks/{name}.py", "--small", *extra_args], timeout)
     values = _last_line_values(stdout, name)
     assert all(math.isfinite(value) for value in values.values()), values

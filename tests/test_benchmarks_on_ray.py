@@ -3,13 +3,11 @@ smallest size, as tests/test_benchmarks.py runs the others: both sides of each c
 ran, and the last line's figures are the table's. No timing is asserted."""
 from __future__ import annotations
 
-import math
 import re
-import sys
 
 import pytest
 
-from test_benchmarks import _last_line_values, _run
+from test_benchmarks import run_small
 
 
 def sweep_overhead_compared(stdout: str, values: dict[str, float]) -> None:
@@ -42,10 +40,4 @@ def recovery_compared(stdout: str, values: dict[str, float]) -> None:
     ("recovery", recovery_compared, 600),
 ])
 def test_benchmark_computes_its_comparison(name, compared, timeout):
-    stdout = _run([sys.executable, f"benchmarks/{name}.py", "--small"], timeout)
-    values = _last_line_values(stdout, name)
-    assert all(math.isfinite(value) for value in values.values()), values
-    # every figure is a time, a ratio, a count or a share, except a growth, which the driver's
-    # RSS may show as a small shrink
-    assert all(value >= 0 for key, value in values.items() if not key.endswith("_growth_pct")), values
-    compared(stdout, values)
+    run_small(name, [], compared, timeout)
