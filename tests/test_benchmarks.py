@@ -140,3 +140,11 @@ def test_against_commit_runs_both_sides_and_reports_their_ratios():
         assert float(base_value) > 0 and float(head_value) > 0
         assert float(ratio) == pytest.approx(float(head_value) / float(base_value), abs=0.002)
         assert float(said) == pytest.approx(float(ratio), abs=0.002)
+
+
+def test_against_commit_names_a_base_git_does_not_know_in_one_line_and_exits_2():
+    done = subprocess.run([sys.executable, "benchmarks/against_commit.py", "--base", "no-such-commit", "--small"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("against_commit: --base no-such-commit: not a commit of "), line
