@@ -168,8 +168,7 @@ def read_budget_file(experiment_uri: str) -> dict[str, Any]:
     for info in sorted(infos, key=lambda info: info.mtime_ns or 0):
         if info.type != pyarrow.fs.FileType.File or not info.base_name.endswith(".json"):
             continue
-        with fs.open_input_stream(info.path) as stream:
-            mine = json.loads(stream.readall())
+        mine = json.loads(storage.read_file(fs, info.path))
         state["sessions"][info.base_name.removesuffix(".json")] = mine.get("wall_s", 0.0)
         if mine.get("stopped") and not state.get("stopped"):
             state["stopped"] = mine["stopped"]

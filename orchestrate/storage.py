@@ -63,10 +63,42 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
 
+# How many times a read is tried again while a writer keeps replacing the object under it.
+READ_TRIES = 5
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
-    with fs.open_input_stream(path) as stream:
-        return stream.readall()
+    return read_file(fs, path)
+
+
+def read_file(fs: pyarrow.fs.FileSystem, path: str) -> bytes:
+    """One whole version of the file at `path`, even while another process replaces it.
+
+    On an object store pyarrow asks for the size first (HEAD) and then for the bytes (a ranged
+    GET): an object replaced in between reads as the new version's bytes cut to the old size
+    (a driver killed in CI read Tune's experiment state that way). So the size and time are
+    read before and after, and the read is tried again unless the bytes match both."""
+    for _ in range(READ_TRIES):
+        before = fs.get_file_info(path)
+        if before.type == pyarrow.fs.FileType.NotFound:
+            raise FileNotFoundError(path)
+        try:
+            with fs.open_input_stream(path) as stream:
+                data = stream.readall()
+        except FileNotFoundError:
+            raise
+        except OSError:  # e.g. a range past the end of a shorter new version
+            if _version(fs.get_file_info(path)) == _version(before):
+                raise
+            continue
+        if len(data) == before.size and _version(fs.get_file_info(path)) == _version(before):
+            return data
+    raise OSError(f"{path}: replaced during each of {READ_TRIES} reads; no whole version could be read")
+
+
+def _version(info: pyarrow.fs.FileInfo) -> tuple[object, int | None, int | None]:
+    return info.type, info.size, info.mtime_ns
 
 
 def write_bytes(uri: str, data: bytes) -> None:

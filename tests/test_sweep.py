@@ -365,6 +365,50 @@ def test_a_storage_outage_leaves_the_driver_running_and_the_copies_catch_up(tmp_
     assert json.loads((experiment / "trials.json").read_text()) == {"t1": {"status": "running"}}
 
 
+class _ReplacedWhileRead:
+    """An object store whose object is replaced by `versions[1:]`, one per read, after the
+    reader has asked for its size: as S3 answers a HEAD then a ranged GET that a writer
+    raced (the bytes of the new version, cut to the old size)."""
+
+    def __init__(self, *versions: bytes) -> None:
+        self.versions, self.current, self.reads = list(versions), 0, 0
+        self.mtimes_ns = [1_000_000_000 * (i + 1) for i in range(len(versions))]
+
+    def get_file_info(self, path):
+        import pyarrow.fs
+
+        data = self.versions[self.current]
+        return pyarrow.fs.FileInfo(path, pyarrow.fs.FileType.File, size=len(data), mtime_ns=self.mtimes_ns[self.current])
+
+    def open_input_stream(self, path):
+        import pyarrow as pa
+
+        size = len(self.versions[self.current])  # pyarrow's HEAD
+        self.reads += 1
+        self.current = min(self.current + 1, len(self.versions) - 1)  # the writer's PUT lands
+        return pa.BufferReader(self.versions[self.current][:size])  # the GET
+
+
+def test_a_read_of_an_object_being_replaced_returns_one_whole_version():
+    """CI read Tune's experiment state from S3 while the driver replaced it, and got the new
+    version cut to the old one's length (a JSONDecodeError). storage.read_file reads again."""
+    from orchestrate import storage
+
+    old, new = json.dumps({"trials": [1]}).encode(), json.dumps({"trials": [1, 2, 3]}).encode()
+    fs = _ReplacedWhileRead(old, new)
+    with fs.open_input_stream("x") as stream:  # what a plain read gets
+        torn = stream.readall()
+    assert torn == new[:len(old)]
+    fs = _ReplacedWhileRead(old, new)
+    assert storage.read_file(fs, "exp/experiment_state.json") == new and fs.reads == 2
+    same_size = json.dumps({"trials": [9]}).encode()  # replaced by a version of the same size: told by its time
+    fs = _ReplacedWhileRead(old, same_size)
+    assert storage.read_file(fs, "exp/experiment_state.json") == same_size and fs.reads == 2
+    fs = _ReplacedWhileRead(*[json.dumps(list(range(n))).encode() for n in range(storage.READ_TRIES + 2)])
+    with pytest.raises(OSError, match="exp/experiment_state.json: replaced during each of"):
+        storage.read_file(fs, "exp/experiment_state.json")
+
+
 def test_a_trial_waits_out_a_storage_outage_instead_of_spending_its_retries(monkeypatch):
     """Tune retries a failed trial at once; a trial that failed on every storage call during a
     20 s outage spent all its retries in it (benchmarks/chaos.py). It waits instead, and a
