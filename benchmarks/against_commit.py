@@ -7,15 +7,18 @@ the same Python and packages as this checkout (its folder first on PYTHONPATH); 
 this working tree, uncommitted changes included. Rounds alternate which side runs first.
 Each side runs its own code on the same inputs:
 1. training: `psdet train` (as `python -m psdet.cli`) of ps_gat_tiny at 128x128 on one
-   synthetic dataset (written once, by head's `psdet synth`), one torch thread; per run the
-   process's wall seconds and the engine's images/s of its last epoch (from its log);
+   synthetic dataset (written once, by head's `psdet synth`), one torch thread, 4 epochs; per
+   run the process's wall seconds and the median of the engine's images/s over its epochs
+   after the first (from its log: an epoch of 200 images is about 4 s, and one epoch's figure
+   varies by 10-20% from run to run, so a last-epoch figure is noise);
 2. the train step: each side's `benchmarks/train_step.py --small`, the "ours" row of its
    full-step table (ps_gat_tiny 128x128, batch 4), ms;
 3. (unless --no-sweep) a trial's fixed cost: each side's `benchmarks/sweep_overhead.py
    --small`, its no-op trial through a TorchTrainer (`trainer_trial_s`) and in the trial's
    own process (`in_process_trial_s`), seconds; a local Ray each run.
-The table shows medians over the rounds and head / base (times: above 1 is slower;
-images/s: below 1 is slower). Last line: `against_commit: train_ratio=... images_ratio=...
+The table shows medians over the rounds, head / base (times: above 1 is slower; images/s:
+below 1 is slower) and the spread: the larger side's (max - min) / median over the rounds, in
+percent, the scale below which a ratio is noise. Last line: `against_commit: train_ratio=... images_ratio=...
 step_ratio=... [trainer_trial_ratio=... in_process_trial_ratio=...] base=REV`, every ratio
 head / base. `--small` is the CI smoke test: 16 images, one epoch, one round, no sweep.
 """
@@ -81,6 +84,11 @@ class Side:
         return seconds, output
 
 
+def spread(values: list[float]) -> float:
+    """(max - min) / median of one side's figure over the rounds, in percent."""
+    return 100.0 * (max(values) - min(values)) / median(values)
+
+
 def last_line_values(output: str, name: str) -> dict[str, str]:
     found = [match for match in LAST_LINE.finditer(output) if match[1] == name]
     if not found:
@@ -95,7 +103,8 @@ def train(side: Side, data: Path, out: Path, epochs: int) -> dict[str, float]:
     speeds = IMAGES_PER_S.findall(output)
     if not speeds:
         raise SystemExit(f"against_commit: {side.name}: no 'images/s' in psdet train's output:\n{output[-2000:]}")
-    return {"train_s": seconds, "images_per_s": float(speeds[-1])}
+    speeds = [float(speed) for speed in speeds]
+    return {"train_s": seconds, "images_per_s": median(speeds[1:] or speeds)}
 
 
 def train_step(side: Side) -> dict[str, float]:
@@ -115,7 +124,7 @@ def sweep_overhead(side: Side) -> dict[str, float]:
 # each figure's row title and its ratio's name in the last line
 FIGURES = {
     "train_s": ("psdet train, wall s", "train_ratio"),
-    "images_per_s": ("psdet train, last epoch images/s", "images_ratio"),
+    "images_per_s": ("psdet train, images/s", "images_ratio"),
     "step_ms": ("train step (ours row), ms", "step_ratio"),
     "trainer_trial_s": ("no-op TorchTrainer trial, s", "trainer_trial_ratio"),
     "in_process_trial_s": ("no-op one-worker trial, s", "in_process_trial_ratio"),
@@ -131,7 +140,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1:
         fail(f"--rounds {args.rounds}: at least 1")
-    rounds, images, epochs = (1, 16, 1) if args.small else (args.rounds, 200, 2)
+    rounds, images, epochs = (1, 16, 1) if args.small else (args.rounds, 200, 4)
     with_sweep = not (args.small or args.no_sweep)
 
     with tempfile.TemporaryDirectory(prefix="psdet-against-commit-") as tmp:
@@ -154,14 +163,15 @@ def main() -> None:
                       flush=True)
 
     print(f"\nmedians over {rounds} round(s); head / base: for times above 1 is slower, for images/s below 1 is")
-    table = Table(Column("figure", "<34"), Column("base", "10.2f"), Column("head", "10.2f"), Column("head / base", "11.3f"))
+    table = Table(Column("figure", "<34"), Column("base", "10.2f"), Column("head", "10.2f"), Column("head / base", "11.3f"),
+                  Column("spread %", "8.1f"))
     table.print_header()
     ratios = {}
     for key in figures["head"]:
         base, head = median(figures["base"][key]), median(figures["head"][key])
         title, ratio_name = FIGURES[key]
         ratios[ratio_name] = head / base
-        table.print_row(title, base, head, head / base)
+        table.print_row(title, base, head, head / base, max(spread(figures[side][key]) for side in figures))
     print(summary_line("against_commit", **{name: f"{value:.3f}" for name, value in ratios.items()}, base=base_hash))
 
 

@@ -133,10 +133,11 @@ def test_against_commit_runs_both_sides_and_reports_their_ratios():
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                           timeout=30, check=True).stdout.strip()
     assert last and last[4] == head, stdout[-1000:]
-    rows = re.findall(r"^(?:psdet train, wall s|psdet train, last epoch images/s|train step \(ours row\), ms)\s+"
-                      r"([\d.]+)\s+([\d.]+)\s+([\d.]+)$", stdout, re.M)
+    rows = re.findall(r"^(?:psdet train, wall s|psdet train, images/s|train step \(ours row\), ms)\s+"
+                      r"([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", stdout, re.M)
     assert len(rows) == 3, stdout
-    for (base_value, head_value, ratio), said in zip(rows, last.groups()[:3]):
+    for (base_value, head_value, ratio, spread), said in zip(rows, last.groups()[:3]):
+        assert float(spread) == 0.0  # one round
         assert float(base_value) > 0 and float(head_value) > 0
         assert float(ratio) == pytest.approx(float(head_value) / float(base_value), abs=0.002)
         assert float(said) == pytest.approx(float(ratio), abs=0.002)
