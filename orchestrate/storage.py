@@ -86,9 +86,7 @@ def read_file(fs: pyarrow.fs.FileSystem, path: str) -> bytes:
         try:
             with fs.open_input_stream(path) as stream:
                 data = stream.readall()
-        except FileNotFoundError:
-            raise
-        except OSError:  # e.g. a range past the end of a shorter new version
+        except OSError:  # a range past the end of a shorter new version; a file deleted under the read
             if _version(fs.get_file_info(path)) == _version(before):
                 raise
             continue

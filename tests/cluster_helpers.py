@@ -378,7 +378,11 @@ class S3Server:
         self.port = free_port()
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.server.start()
-        self.client().create_bucket(Bucket=bucket)
+        import boto3
+
+        self.client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{self.port}", aws_access_key_id="testing",
+                                   aws_secret_access_key="testing", region_name="us-east-1")
+        self.client.create_bucket(Bucket=bucket)
 
     def stop(self) -> None:
         self.server.stop()
@@ -402,14 +406,7 @@ class S3Server:
                                                          allow_not_found=True))
         return sorted(info.path[len(self.bucket) + 1:] for info in infos if info.type == pyarrow.fs.FileType.File)
 
-    def client(self):
-        """A boto3 S3 client of this server."""
-        import boto3
-
-        return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{self.port}", aws_access_key_id="testing",
-                            aws_secret_access_key="testing", region_name="us-east-1")
-
     def read(self, key: str) -> bytes:
         """The object's bytes in one GET: one whole version even while a driver replaces it
         (pyarrow's HEAD-then-GET read can mix two)."""
-        return self.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
