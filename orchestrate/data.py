@@ -34,9 +34,10 @@ def synthetic_root(synth: SyntheticData) -> Path:
     return cache_root() / f"train{synth.train}-val{synth.val}-seed{synth.seed}-{digest}"
 
 
-def ensure_synthetic(synth: SyntheticData, root: Path | None = None) -> tuple[Path, bool]:
-    """(dataset root, whether it was made now); `root` defaults to the cache entry.
-    Idempotent and safe to race."""
+def ensure_synthetic(synth: SyntheticData, root: Path | None = None, workers: int = 1) -> tuple[Path, bool]:
+    """(dataset root, whether it was made now); `root` defaults to the cache entry; `workers`
+    processes render it (forked: pass more than 1 only from a process that runs no Ray
+    or torch threads yet, as the driver before it connects). Idempotent and safe to race."""
     root = Path(root) if root is not None else synthetic_root(synth)
     if root.is_dir():
         return root, False
@@ -48,7 +49,7 @@ def ensure_synthetic(synth: SyntheticData, root: Path | None = None) -> tuple[Pa
 
         staging = root.with_name(root.name + f".tmp-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
-        generate(staging, synth.train, synth.val, synth.seed, progress=False)
+        generate(staging, synth.train, synth.val, synth.seed, progress=False, workers=workers)
         staging.rename(root)
     return root, True
 

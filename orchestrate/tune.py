@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # run as a script: import the repo's packages, no
 
 import argparse
 import dataclasses
+import os
 import time
 
 from orchestrate import ray_env, storage, sweep_file
@@ -192,7 +193,7 @@ def _prepare_data(spec: SweepSpec, data: str | None) -> tuple[str, SyntheticData
         return str(check_dataset(data)), None
     synth = spec.experiment.synthetic_data
     started = time.perf_counter()
-    root, made = ensure_synthetic(synth)
+    root, made = ensure_synthetic(synth, workers=os.cpu_count() or 1)  # before Ray connects: forking is safe
     if made:
         print(f"no --data given: synthesized {synth.train} training + {synth.val} validation images "
               f"(seed {synth.seed}) into {root} in {time.perf_counter() - started:.0f} s; cached for later sweeps")

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--format", choices=("json", "mat", "psv"), default="json",
                        help="label layout: json (ps_json_label/, default), mat (the ps2.0 release's "
                             "annotations/*.mat) or psv (the PSV dataset's annotations/ and images/)")
+    synth.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                       help="processes rendering at once (default: every CPU); the files are the same for any count")
 
     describe = commands.add_parser("describe", help="print the model and its parameter count")
     _add_config_args(describe)
@@ -185,8 +187,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     if args.train < 0 or args.val < 0:
         raise UserError("--train and --val must be >= 0")
+    if args.workers < 1:
+        raise UserError("--workers must be >= 1")
     fmt = {"json": "json", "mat": "ps2_mat", "psv": "psv_mat"}[args.format]
-    summary = generate(Path(args.out), args.train, args.val, args.seed, fmt=fmt)
+    summary = generate(Path(args.out), args.train, args.val, args.seed, fmt=fmt, workers=args.workers)
     print(f"wrote {args.train} training and {args.val} validation images ({summary['marks']} marks, "
           f"{summary['slots']} slots) to {args.out} in {summary['seconds']:.1f} s")
     return 0

@@ -125,9 +125,10 @@ def test_a_broken_label_fails_when_the_dataset_is_built(tmp_path):
 def test_synth_writes_the_ps20_layout_deterministically(tmp_path):
     first, again, other = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     summary = synth.generate(first, 4, 2, seed=5, progress=False)
-    synth.generate(again, 4, 2, seed=5, progress=False)
+    parallel = synth.generate(again, 4, 2, seed=5, progress=False, workers=2)  # same files from 2 processes
     synth.generate(other, 4, 2, seed=6, progress=False)
     assert (summary["train"], summary["val"]) == (4, 2)
+    assert (parallel["marks"], parallel["slots"]) == (summary["marks"], summary["slots"])
 
     files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
     expected = [Path("ps_json_label/testing/all") / f"test_{i:06d}.json" for i in range(2)]

@@ -39,7 +39,10 @@ adding images never changes the earlier ones. Importing this module does no torc
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import multiprocessing
 import sys
 import time
 from dataclasses import dataclass
@@ -107,7 +110,7 @@ def write_mat_label(path: Path, marks: np.ndarray, slots: np.ndarray, decimals: 
 
 
 def generate(out_dir: str | Path, n_train: int, n_val: int, seed: int, progress: bool = True,
-             fmt: str = "json") -> dict:
+             fmt: str = "json", workers: int = 1) -> dict:
     """Render `n_train` training and `n_val` test images with labels into the layout `fmt`:
     `json` (ps2.0 with DMPR-PS's json labels), `ps2_mat` (ps2.0's own `.mat` labels, under
     annotations/) or `psv_mat` (the PSV dataset's, splits train and test, images under
@@ -115,8 +118,9 @@ def generate(out_dir: str | Path, n_train: int, n_val: int, seed: int, progress:
 
     Images are named ``train_000000`` ... and ``test_000000`` .... Rerunning with the same
     arguments rewrites the same files; a split directory holding labels of any other name
-    raises `DataError` (nothing is deleted). Progress goes to stderr every ~10%.
-    Returns counts: {"root", "train", "val", "marks", "slots", "seconds"}.
+    raises `DataError` (nothing is deleted). Progress goes to stderr every ~10%. `workers`
+    processes render at once (each image depends on its seed alone, so the files are the
+    same for any count). Returns counts: {"root", "train", "val", "marks", "slots", "seconds"}.
     """
     if n_train < 0 or n_val < 0:
         raise ValueError(f"image counts must be >= 0, got n_train={n_train}, n_val={n_val}")
@@ -146,19 +150,19 @@ def generate(out_dir: str | Path, n_train: int, n_val: int, seed: int, progress:
     start = time.perf_counter()
     total_marks = total_slots = 0
     report_every = max(1, math.ceil(len(jobs) / 10))
-    for done, (split_code, index, label_path, image_path) in enumerate(jobs, start=1):
-        rng = np.random.default_rng(np.random.SeedSequence([seed % 2**64, split_code, index]))
-        image, marks, slots = render_lot(rng)
-        Image.fromarray(image).save(image_path, format="JPEG", quality=JPEG_QUALITY)
-        if fmt == "json":
-            label_path.write_text(label_json(marks, slots))
+    render = functools.partial(_render_job, seed, fmt)
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and len(jobs) > 1:
+            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(min(workers, len(jobs))))
+            counts = pool.imap(render, jobs, chunksize=8)
         else:
-            write_mat_label(label_path, marks, slots)
-        total_marks += len(marks)
-        total_slots += len(slots)
-        if progress and (done % report_every == 0 or done == len(jobs)):
-            percent = 100 * done // len(jobs)
-            print(f"synth: {done}/{len(jobs)} images ({percent}%) -> {root}", file=sys.stderr, flush=True)
+            counts = map(render, jobs)
+        for done, (num_marks, num_slots) in enumerate(counts, start=1):
+            total_marks += num_marks
+            total_slots += num_slots
+            if progress and (done % report_every == 0 or done == len(jobs)):
+                percent = 100 * done // len(jobs)
+                print(f"synth: {done}/{len(jobs)} images ({percent}%) -> {root}", file=sys.stderr, flush=True)
     return {
         "root": str(root),
         "train": n_train,
@@ -167,6 +171,19 @@ def generate(out_dir: str | Path, n_train: int, n_val: int, seed: int, progress:
         "slots": total_slots,
         "seconds": time.perf_counter() - start,
     }
+
+
+def _render_job(seed: int, fmt: str, job: tuple[int, int, Path, Path]) -> tuple[int, int]:
+    """Render and write one image and its label; -> (marks, slots) in it."""
+    split_code, index, label_path, image_path = job
+    rng = np.random.default_rng(np.random.SeedSequence([seed % 2**64, split_code, index]))
+    image, marks, slots = render_lot(rng)
+    Image.fromarray(image).save(image_path, format="JPEG", quality=JPEG_QUALITY)
+    if fmt == "json":
+        label_path.write_text(label_json(marks, slots))
+    else:
+        write_mat_label(label_path, marks, slots)
+    return len(marks), len(slots)
 
 
 def render_lot(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
