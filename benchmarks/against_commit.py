@@ -1,12 +1,13 @@
 """This checkout against an earlier commit, side by side: training speed, the train step, a trial's fixed cost.
 
-    python benchmarks/against_commit.py --base REV [--rounds N] [--no-sweep] [--small]
+    python benchmarks/against_commit.py --base REV [--rounds N] [--no-sweep] [--small] [--config NAME --image-size N]
 
 The base commit's tree is exported (`git archive REV`) into a scratch folder and run with
 the same Python and packages as this checkout (its folder first on PYTHONPATH); "head" is
 this working tree, uncommitted changes included. Rounds alternate which side runs first.
 Each side runs its own code on the same inputs:
-1. training: `psdet train` (as `python -m psdet.cli`) of ps_gat_tiny at 128x128 on one
+1. training: `psdet train` (as `python -m psdet.cli`) of ps_gat_tiny at 128x128 (or
+   `--config` at `--image-size`, e.g. ps_gat_cpu_sweep at 256, the demo's) on one
    synthetic dataset (written once, by head's `psdet synth`), one torch thread, 4 epochs; per
    run the process's wall seconds and the median of the engine's images/s over its epochs
    after the first (from its log: an epoch of 200 images is about 4 s, and one epoch's figure
@@ -38,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks")]
 
 from common import Column, Table, median, summary_line  # noqa: E402
+from psdet.config import load_config  # noqa: E402
+from psdet.errors import ConfigError  # noqa: E402
 
 IMAGES_PER_S = re.compile(r"epoch \d+/\d+: loss .*, ([\d.]+) images/s")
 LAST_LINE = re.compile(r"^(\w+): (\w+=\S+(?: \w+=\S+)*)$", re.M)
@@ -96,9 +99,9 @@ def last_line_values(output: str, name: str) -> dict[str, str]:
     return dict(pair.split("=", 1) for pair in found[-1][2].split())
 
 
-def train(side: Side, data: Path, out: Path, epochs: int) -> dict[str, float]:
-    seconds, output = side.run(["-m", "psdet.cli", "train", "-c", "ps_gat_tiny", "--data", str(data), "--out", str(out),
-                                "-o", "data.image_size=128", "-o", f"train.epochs={epochs}",
+def train(side: Side, data: Path, out: Path, epochs: int, config: str, image_size: int) -> dict[str, float]:
+    seconds, output = side.run(["-m", "psdet.cli", "train", "-c", config, "--data", str(data), "--out", str(out),
+                                "-o", f"data.image_size={image_size}", "-o", f"train.epochs={epochs}",
                                 "-o", "train.progress=false"], timeout=1800)
     speeds = IMAGES_PER_S.findall(output)
     if not speeds:
@@ -137,9 +140,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds, each running both sides (default 3)")
     parser.add_argument("--no-sweep", action="store_true", help="leave out part 3 (it starts a local Ray per run)")
     parser.add_argument("--small", action="store_true", help="CI smoke test: 16 images, 1 epoch, 1 round, no sweep")
+    parser.add_argument("--config", default="ps_gat_tiny", help="the config part 1 trains (default ps_gat_tiny)")
+    parser.add_argument("--image-size", type=int, default=128, help="its data.image_size (default 128)")
     args = parser.parse_args()
     if args.rounds < 1:
         fail(f"--rounds {args.rounds}: at least 1")
+    try:
+        load_config(args.config, [f"data.image_size={args.image_size}"])
+    except ConfigError as exc:
+        fail(f"--config {args.config} --image-size {args.image_size}: {exc}")
     rounds, images, epochs = (1, 16, 1) if args.small else (args.rounds, 200, 4)
     with_sweep = not (args.small or args.no_sweep)
 
@@ -149,12 +158,14 @@ def main() -> None:
         sides = [Side("base", scratch / "base"), Side("head", ROOT)]
         data = scratch / "data"
         sides[1].run(["-m", "psdet.cli", "synth", "--out", str(data), "--train", str(images), "--val", "8"], timeout=600)
-        print(f"this checkout ({ROOT}) against {args.base} ({base_hash}): ps_gat_tiny 128x128, {images} + 8 synthetic "
-              f"images, {epochs} epoch(s); {rounds} round(s), one torch thread, {os.cpu_count()} cores", flush=True)
+        print(f"this checkout ({ROOT}) against {args.base} ({base_hash}): {args.config} at {args.image_size}x"
+              f"{args.image_size}, {images} + 8 synthetic images, {epochs} epoch(s); {rounds} round(s), one torch "
+              f"thread, {os.cpu_count()} cores", flush=True)
         figures: dict[str, dict[str, list[float]]] = {side.name: {} for side in sides}
         for index in range(rounds):
             for side in sides if index % 2 == 0 else sides[::-1]:
-                measured = {**train(side, data, scratch / f"run-{side.name}-{index}", epochs), **train_step(side)}
+                run = scratch / f"run-{side.name}-{index}"
+                measured = {**train(side, data, run, epochs, args.config, args.image_size), **train_step(side)}
                 if with_sweep:
                     measured.update(sweep_overhead(side))
                 for key, value in measured.items():

@@ -149,3 +149,11 @@ def test_against_commit_names_a_base_git_does_not_know_in_one_line_and_exits_2()
     assert done.returncode == 2, done.stdout + done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("against_commit: --base no-such-commit: not a commit of "), line
+
+
+def test_against_commit_names_a_config_it_cannot_load_in_one_line_and_exits_2():
+    done = subprocess.run([sys.executable, "benchmarks/against_commit.py", "--base", "HEAD", "--config", "ps_gat_tiny",
+                           "--image-size", "100"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("against_commit: --config ps_gat_tiny --image-size 100: ") and "multiple of 32" in line, line

@@ -7,7 +7,7 @@ import torch
 
 from psdet.config import load_config
 from psdet.models import build_model, count_parameters, describe
-from psdet.models.backbones import MaxPool2d, build_backbone
+from psdet.models.backbones import build_backbone
 from psdet.models.graph import DGCNN, MultiHeadAttention, knn_edge_features, pair_features
 from psdet.models.heads import sample_descriptors
 from psdet.models.targets import edge_loss, point_loss, point_targets
@@ -76,22 +76,6 @@ def test_every_backbone_gives_a_stride_32_map_of_32_depth_factor_channels(backbo
         features = net(torch.rand(2, 3, 64, 96))
     assert features.shape == (2, 64, 2, 3)
     assert net.out_channels == 64
-
-
-@pytest.mark.parametrize("kernel, stride, padding", [(3, 2, 1), (2, 2, 0)])
-def test_maxpool_in_channels_last_gives_the_values_and_gradients_of_nn_maxpool(kernel, stride, padding):
-    """The backbones' CPU pool (ResNet's stem, VGG's stages) against nn.MaxPool2d, on a ReLU'd
-    map full of tied zeros, as the stem's is."""
-    torch.manual_seed(0)
-    x = torch.randn(2, 8, 33, 34).relu()
-    ours_in, ref_in = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    ours = MaxPool2d(kernel, stride, padding)(ours_in)
-    ref = torch.nn.MaxPool2d(kernel, stride, padding)(ref_in)
-    assert ours.is_contiguous() and torch.equal(ours, ref)
-    upstream = torch.randn_like(ref)
-    ours.backward(upstream)
-    ref.backward(upstream)
-    assert torch.equal(ours_in.grad * (x > 0), ref_in.grad * (x > 0))  # ties at 0: any of them may take it
 
 
 @pytest.mark.parametrize("graph", ["gat", "dgcnn"])

@@ -7,21 +7,7 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor, nn
-
-
-class MaxPool2d(nn.MaxPool2d):
-    """`nn.MaxPool2d`, the same values and gradients, run on a CPU in the channels-last layout:
-    PyTorch's CPU kernel for the default (NCHW) layout is the slow one. On ResNet18's stem
-    at depth_factor 4 (8 x 128 x 128 per image) the NCHW pool took about 10 ms of a 150 ms
-    training step (`benchmarks/train_step.py`). Returns the default layout."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or x.is_contiguous(memory_format=torch.channels_last):
-            return super().forward(x)
-        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
-
 
 # ----------------------------------------------------------------------------- Darknet (DMPR-PS)
 
@@ -89,7 +75,7 @@ class VGG16(nn.Module):
         in_channels = 3
         for width in VGG16_WIDTHS:
             if width == "M":
-                layers.append(MaxPool2d(kernel_size=2, stride=2))
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
                 continue
             out_channels = width * depth_factor // 32
             layers += [nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
@@ -167,7 +153,7 @@ class ResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, self.in_channels, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(self.in_channels)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._make_stage(block, planes[0], blocks_per_stage[0], stride=1)
         self.layer2 = self._make_stage(block, planes[1], blocks_per_stage[1], stride=2)
         self.layer3 = self._make_stage(block, planes[2], blocks_per_stage[2], stride=2)
