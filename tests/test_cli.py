@@ -48,6 +48,7 @@ def _one_line_error(capsys, *needles: str) -> str:
         (["train", "-c", "ps_gat_tiny", "--data", "/nonexistent/ps2.0"], ["/nonexistent/ps2.0"]),
         (["eval", "-c", "ps_gat_tiny", "--ckpt", "/nonexistent/ckpt"], ["/nonexistent/ckpt"]),
         (["describe", "-c", "ps_gat", "-o", "data.image_size=500"], ["data.image_size", "multiple of 32"]),
+        (["synth", "--out", "/nonexistent/synth", "--workers", "0"], ["--workers must be >= 1"]),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(argv, needles, capsys, tmp_path):
