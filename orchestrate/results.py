@@ -142,6 +142,8 @@ class TrialLedger(tune.Callback):
         record = self._record(trial)
         record["status"] = "errored"
         record["error"] = _error_summary(trial)
+        # Retries left: Tune did not end it for having used them all (see `stranded`).
+        record["retries_left"] = trial.should_recover()
         self._tick(trial, record)
         self._save(trial)
         print(f"trial {trial.trial_id} errored after {record['epochs']} epochs: {record['error']}", flush=True)
@@ -199,6 +201,16 @@ def _fmt(value: Any) -> str:
 
 def _params_text(params: dict[str, Any]) -> str:
     return ", ".join(f"{key}={_fmt(value)}" for key, value in params.items()) or "(no parameters)"
+
+
+def stranded(records: dict[str, dict[str, Any]]) -> list[str]:
+    """The trials Tune errored with retries left. Ray 2.60 retries a failed trial only while
+    it is RUNNING: once one failure has put it back to PENDING, a second failure event of the
+    same lost actor (its reused successor on a node that just died fails its `reset`) errors
+    it, however many retries remain (`TuneController._process_trial_failure`). Found by
+    benchmarks/chaos.py; `orchestrate.sweep.fit` runs such trials again."""
+    return sorted(trial_id for trial_id, record in records.items()
+                  if record["status"] == "errored" and record.get("retries_left"))
 
 
 def _error_summary(trial) -> str:

@@ -15,12 +15,14 @@ import ray
 from ray import tune
 
 from orchestrate import connection, placement, sweep_file, trial
-from orchestrate.results import TrialLedger, engine_seconds, read_ledger, write_results
+from orchestrate.results import TrialLedger, engine_seconds, read_ledger, stranded, write_results
 from orchestrate.search import JournalMirror, optuna_storage
 from orchestrate.space import SweepSpec, SyntheticData
 from orchestrate.status import StatusBlock
 from orchestrate.tuner import build_tuner
 from psdet.errors import UserError
+
+STRANDED_PASSES = 3  # fits after the first that `fit` may add for trials errored with retries left
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ def run(plan: SweepPlan) -> dict[str, Any]:
             tuner = _new_tuner(plan, trainable, concurrency, mirror, use_gpu)
         engine_before = engine_seconds(read_ledger(plan.experiment))
         fit_started = time.monotonic()
-        tuner.fit()
+        fit(tuner, plan.experiment, trainable)
         wall_s = time.monotonic() - fit_started
         records = read_ledger(plan.experiment)
         session = {"wall_s": wall_s, "engine_s": engine_seconds(records) - engine_before, "slots": concurrency}
@@ -78,6 +80,22 @@ def run(plan: SweepPlan) -> dict[str, Any]:
                 "session": session}
     finally:
         ray.shutdown()
+
+
+def fit(tuner: tune.Tuner, experiment: str, trainable: Any, passes: int = STRANDED_PASSES) -> None:
+    """`tuner.fit()`, then, while Tune has errored trials with retries left
+    (`orchestrate.results.stranded`), up to `passes` more fits of the saved experiment with its
+    errored trials resumed from their checkpoints, as `--resume` resumes them. Each such pass
+    runs every errored trial again: one that had used all its retries (a non-finite loss, say)
+    ends on its first failure. The experiment needs a `TrialLedger` among its callbacks."""
+    tuner.fit()
+    for _ in range(passes):
+        ids = stranded(read_ledger(experiment))
+        if not ids:
+            return
+        print(f"{len(ids)} trial(s) errored with retries left ({', '.join(ids)}): Ray ended them on a second "
+              "failure of a lost actor; running the sweep's errored trials again from their checkpoints", flush=True)
+        tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True).fit()
 
 
 def _new_tuner(plan: SweepPlan, trainable: Any, concurrency: int, mirror: tuple[str, str] | None,
