@@ -8,7 +8,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 # The fast tier: everything but the Ray sweeps and clusters, the learning test and the
 # benchmark smoke runs and the report's browser and client tests (about a minute on an idle 2-core machine).
-SLOW_TESTS := tests/test_sweep.py tests/test_cluster.py tests/test_benchmarks.py tests/test_benchmarks_on_ray.py tests/test_learning.py \
+SLOW_TESTS := tests/test_sweep.py tests/test_cluster.py tests/test_chaos.py tests/test_benchmarks.py tests/test_benchmarks_on_ray.py tests/test_learning.py \
 	tests/test_search_quality.py tests/test_search_quality_replay.py tests/test_report.py tests/test_sweep_objectives.py
 
 .PHONY: setup demo test test-fast bench clean

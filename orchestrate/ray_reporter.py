@@ -21,7 +21,11 @@ Controller side (`TuneReport`): Ray's `TuneReportCallback` plus the number of ti
 Train restarted this run's worker group.
 
 Preemption (`take_sigterm`): a SIGTERM to a worker is handed to the engine's preemption
-notice (psdet/preemption.py), which checkpoints the step in flight and stops.
+notice (psdet/preemption.py), which checkpoints the step in flight and stops. With remote
+storage, where that checkpoint is node-local scratch, rank 0 copies it to the trial's
+storage (`UploadPreemption`) and the next attempt takes it from there (`fetch_preempted`):
+a report made while Ray stops the process does not reach Tune or Train's controller
+(tried: the retry resumed from the epoch's checkpoint before).
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from orchestrate import storage
 from psdet import checkpoint as ckpt
 from psdet.errors import CheckpointError
+from psdet.hooks import Hook
 from psdet.preemption import deliver_notice
 from psdet.reporting import TOTAL_EPOCHS  # noqa: F401 - re-exported for the benchmarks
 
@@ -47,6 +52,8 @@ log = logging.getLogger("psdet")
 
 WORKER_RESTARTS = "worker_restarts"
 FROM_RAY = "ray"  # rank 0's choice, broadcast: resume from Ray's registered checkpoint
+FROM_PREEMPTED = "preempted"  # ... from the preempted run's copy in remote storage (each rank fetches it)
+PREEMPTED_DIR = "preempted"  # in a trial's remote storage: the checkpoint of a preempted run's last step
 
 
 def newer_checkpoint(from_ray: Path | None, engine_checkpoints: Path | None) -> Path | None:
@@ -98,6 +105,51 @@ def verified_checkpoint(checkpoint: ray.train.Checkpoint, downloads: Path) -> Pa
     return None
 
 
+class UploadPreemption(Hook):
+    """Rank 0 copies the checkpoint of a preempted run's last step to `uri` (the trial's
+    `preempted/` in remote storage), then deletes the older copies there. A storage that does
+    not answer costs the steps since the last report, with a warning, not the run."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def on_preemption(self, run, checkpoint: Path | None, step: int) -> None:
+        if checkpoint is None:
+            return  # not rank 0
+        fs, root = storage.filesystem(self.uri)
+        target = f"{root}/{checkpoint.name}"
+        try:
+            fs.create_dir(target, recursive=True)  # local and shared storage need it; S3 has no directories
+            pyarrow.fs.copy_files(str(checkpoint), target, source_filesystem=pyarrow.fs.LocalFileSystem(),
+                                  destination_filesystem=fs)
+            for info in fs.get_file_info(pyarrow.fs.FileSelector(root)):
+                if info.type == pyarrow.fs.FileType.Directory and info.path.rstrip("/") != target:
+                    fs.delete_dir(info.path)
+        except OSError as exc:
+            log.warning("preemption: could not copy %s to the trial's storage (%s); the next attempt resumes "
+                        "from the last reported checkpoint", checkpoint, " ".join(str(exc).split())[:200])
+            return
+        log.info("preemption: copied %s to %s", checkpoint, storage.display(self.uri, target))
+
+
+def fetch_preempted(uri: str, downloads: Path) -> tuple[Path, dict] | None:
+    """The newest verified checkpoint under `uri` (`UploadPreemption`'s), downloaded under
+    `downloads`, with its meta; None when there is none. A copy cut short by the kill that
+    followed the notice fails verification and is passed over."""
+    fs, root = storage.filesystem(uri)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    for path in sorted((info.path for info in infos if info.type == pyarrow.fs.FileType.Directory), reverse=True):
+        local = downloads / f"preempted-{Path(path).name}"
+        local.mkdir(parents=True, exist_ok=True)
+        pyarrow.fs.copy_files(path, str(local), source_filesystem=fs,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+        try:
+            return local, ckpt.read_meta(local)
+        except CheckpointError as exc:
+            log.warning("%s; passed over", exc)
+    return None
+
+
 def take_sigterm() -> None:
     """In a Ray Train worker, before the engine starts: SIGTERM goes to the engine's
     preemption notice (`psdet.preemption.deliver_notice`) instead of Ray's handler, which
@@ -130,15 +182,18 @@ class RayResume:
     """The engine's `ResumeSource` inside a Ray Train worker (every rank asks; rank 0 chooses).
 
     `engine_checkpoints`: the engine's checkpoint folder, when every worker can read it
-    (shared or single-node storage); None to resume from Ray's checkpoints alone. Keep
-    the object until the engine has loaded the checkpoint: a remote one is downloaded into
-    a temporary directory that lives as long as it does.
+    (shared or single-node storage); None to resume from Ray's checkpoints alone.
+    `preempted`: with remote storage, the trial's `preempted/` (`UploadPreemption`), taken
+    when it is newer than Ray's. Keep the object until the engine has loaded the checkpoint:
+    a remote one is downloaded into a temporary directory that lives as long as it does.
     """
 
-    def __init__(self, engine_checkpoints: Path | None = None) -> None:
+    def __init__(self, engine_checkpoints: Path | None = None, preempted: str | None = None) -> None:
         self.engine_checkpoints = engine_checkpoints
+        self.preempted = preempted
         self._downloaded: tempfile.TemporaryDirectory | None = None
         self._verified: Path | None = None
+        self._preempted: tuple[Path | None, dict | None] | None = None
 
     def latest_checkpoint(self) -> Path | None:
         choice = None
@@ -147,27 +202,47 @@ class RayResume:
         choice = ray.train.collective.broadcast_from_rank_zero(choice)
         if choice == FROM_RAY:
             return self._ray_checkpoint()
+        if choice == FROM_PREEMPTED:
+            return self._preempted_checkpoint()[0]
         return Path(choice) if choice is not None else None
 
     def _choose(self) -> str | None:
         """Rank 0: FROM_RAY, the path of the engine's checkpoint, or None (start fresh)."""
         registered = ray.train.get_checkpoint()
-        if self.engine_checkpoints is None:
+        if self.engine_checkpoints is None and self.preempted is None:
             return FROM_RAY if registered is not None else None
         from_ray = self._ray_checkpoint() if registered is not None else None
-        chosen = newer_checkpoint(from_ray, self.engine_checkpoints)
+        if self.preempted is not None:
+            preempted = self._preempted_checkpoint()
+            chosen = newer_of(from_ray, preempted if preempted[0] is not None else None)
+            if chosen is not None and chosen != from_ray:
+                return FROM_PREEMPTED
+        else:
+            chosen = newer_checkpoint(from_ray, self.engine_checkpoints)
         if chosen is None:
             return None
         return FROM_RAY if chosen == from_ray else str(chosen)
+
+    def _preempted_checkpoint(self) -> tuple[Path | None, dict | None]:
+        """The preempted run's copy (`fetch_preempted`, once): (local directory, meta), or (None, None)."""
+        if self._preempted is None:
+            found = storage.patiently(lambda: fetch_preempted(self.preempted, self._downloads()),
+                                      "fetching the preempted run's checkpoint")
+            self._preempted = found or (None, None)
+        return self._preempted
+
+    def _downloads(self) -> Path:
+        if self._downloaded is None:
+            self._downloaded = tempfile.TemporaryDirectory(prefix="psdet-resume-")
+        return Path(self._downloaded.name)
 
     def _ray_checkpoint(self) -> Path | None:
         """Ray's registered checkpoint as a local verified directory (`verified_checkpoint`, once)."""
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        if self._downloaded is None:
-            self._downloaded = tempfile.TemporaryDirectory(prefix="psdet-resume-")
-            self._verified = storage.patiently(lambda: verified_checkpoint(checkpoint, Path(self._downloaded.name)),
+        if self._verified is None:
+            self._verified = storage.patiently(lambda: verified_checkpoint(checkpoint, self._downloads()),
                                                "fetching the run's checkpoint")
         return self._verified
 

@@ -44,8 +44,8 @@ from ray import tune
 from ray.train.torch import TorchTrainer
 
 from orchestrate import storage
-from orchestrate.ray_reporter import (RayReporter, RayResume, TuneReport, newer_of, take_sigterm,
-                                      verified_checkpoint)
+from orchestrate.ray_reporter import (PREEMPTED_DIR, RayReporter, RayResume, TuneReport, UploadPreemption,
+                                      fetch_preempted, newer_of, take_sigterm, verified_checkpoint)
 from orchestrate.results import FINISHED, read_ledger
 from orchestrate.search import strip_baseline
 from orchestrate.space import SweepSpec, SyntheticData, trial_config
@@ -148,11 +148,14 @@ def set_tensorboard(cfg: Config, setup: TrialSetup, trial_id: str, params: dict[
 
 
 def engine_dirs(setup: TrialSetup, trial_id: str) -> dict[str, Any]:
-    """The loop config's `out_dir` (engine_out_dir) and `resume_from_engine`: whether a
-    restarted worker group may resume from the engine's own checkpoints there. Not with
-    remote storage, where out_dir is node-local scratch that other workers cannot read."""
-    return {"out_dir": engine_out_dir(setup, trial_id),
-            "resume_from_engine": not storage.is_remote(trial_uri(setup, trial_id))}
+    """The loop config's `out_dir` (engine_out_dir), `resume_from_engine`: whether a
+    restarted worker group may resume from the engine's own checkpoints there (not with
+    remote storage, where out_dir is node-local scratch that other workers cannot read), and
+    `preempted_uri`: with remote storage, where a preempted run leaves its last checkpoint
+    (orchestrate.ray_reporter.UploadPreemption)."""
+    remote = storage.is_remote(trial_uri(setup, trial_id))
+    return {"out_dir": engine_out_dir(setup, trial_id), "resume_from_engine": not remote,
+            "preempted_uri": storage.join(trial_uri(setup, trial_id), PREEMPTED_DIR) if remote else None}
 
 
 def build_trainer(setup: TrialSetup, trial_id: str, train_loop_config: dict[str, Any],
@@ -211,7 +214,9 @@ def train_in_process(setup: TrialSetup, trial_id: str, cfg: Config) -> None:
     cfg.train.device = "cuda" if setup.use_gpu else "cpu"
     dirs = engine_dirs(setup, trial_id)
     earlier_runs = Path(trial_uri(setup, trial_id)) if dirs["resume_from_engine"] else None
-    train(cfg, Path(dirs["out_dir"]), TuneReporter(), resume=TuneResume(earlier_runs))
+    preempted = dirs["preempted_uri"]
+    train(cfg, Path(dirs["out_dir"]), TuneReporter(), resume=TuneResume(earlier_runs, preempted),
+          hooks=[UploadPreemption(preempted)] if preempted else [])
 
 
 class TuneReporter:
@@ -224,33 +229,38 @@ class TuneReporter:
 
 class TuneResume:
     """The engine's `ResumeSource` in a one-worker trial: a retried or resumed trial continues
-    from the newer (by global step) of the checkpoint Tune restored and the engine's newest
+    from the newest (by global step) of the checkpoint Tune restored and the engine's newest
     valid one in the trial's earlier runs (`trial_dir`, local storage only: a mid-epoch
-    checkpoint, or one whose report Tune had not taken when the process died). A corrupt
-    checkpoint of Tune's gives way to the previous one (`verified_checkpoint`). Keep the
-    object until the engine has loaded the checkpoint (a remote one is downloaded into a
+    checkpoint, or one whose report Tune had not taken when the process died), or with remote
+    storage the preempted run's copy (`preempted`, orchestrate.ray_reporter.UploadPreemption).
+    A corrupt checkpoint of Tune's gives way to the previous one (`verified_checkpoint`). Keep
+    the object until the engine has loaded the checkpoint (a remote one is downloaded into a
     temporary directory that lives as long as it does)."""
 
-    def __init__(self, trial_dir: Path | None) -> None:
+    def __init__(self, trial_dir: Path | None, preempted: str | None = None) -> None:
         self.trial_dir = trial_dir
+        self.preempted = preempted
         self._downloaded: tempfile.TemporaryDirectory | None = None
 
     def latest_checkpoint(self) -> Path | None:
-        from_tune = self._tune_checkpoint()
-        if self.trial_dir is None:
-            return from_tune
-        engine = [found for found in (ckpt.latest_valid_meta(run / "checkpoints")
-                                      for run in sorted(self.trial_dir.glob("run-*"))) if found is not None]
-        newest = max(engine, key=lambda found: found[1]["step"]) if engine else None
-        return newer_of(from_tune, newest)  # verified once, above
+        self._downloaded = tempfile.TemporaryDirectory(prefix="psdet-resume-")
+        from_tune = self._tune_checkpoint(Path(self._downloaded.name))
+        found = []
+        if self.trial_dir is not None:
+            found += [meta for meta in (ckpt.latest_valid_meta(run / "checkpoints")
+                                        for run in sorted(self.trial_dir.glob("run-*"))) if meta is not None]
+        if self.preempted is not None:
+            copy = storage.patiently(lambda: fetch_preempted(self.preempted, Path(self._downloaded.name)),
+                                     "fetching the preempted run's checkpoint")
+            found += [copy] if copy is not None else []
+        newest = max(found, key=lambda one: one[1]["step"]) if found else None
+        return newer_of(from_tune, newest)  # each verified once, above
 
-    def _tune_checkpoint(self) -> Path | None:
+    def _tune_checkpoint(self, downloads: Path) -> Path | None:
         checkpoint = tune.get_checkpoint()
         if checkpoint is None:
             return None
-        self._downloaded = tempfile.TemporaryDirectory(prefix="psdet-resume-")
-        return storage.patiently(lambda: verified_checkpoint(checkpoint, Path(self._downloaded.name)),
-                                 "fetching the trial's checkpoint")
+        return storage.patiently(lambda: verified_checkpoint(checkpoint, downloads), "fetching the trial's checkpoint")
 
 
 def finished_result(setup: TrialSetup, trial_id: str) -> dict[str, Any] | None:
@@ -289,9 +299,11 @@ def train_loop_per_worker(loop_config: dict[str, Any], hooks: Sequence[Hook] = (
 
         ensure_synthetic(loop_config["synthetic"], Path(cfg.data.root))
     out_dir = Path(loop_config["out_dir"])
-    resume = RayResume(out_dir / "checkpoints" if loop_config.get("resume_from_engine") else None)
+    preempted = loop_config.get("preempted_uri")
+    resume = RayResume(out_dir / "checkpoints" if loop_config.get("resume_from_engine") else None, preempted)
     take_sigterm()  # a SIGTERM (a spot notice) becomes a checkpoint of the step in flight
-    train(cfg, out_dir, RayReporter(), resume=resume, hooks=hooks)
+    train(cfg, out_dir, RayReporter(), resume=resume,
+          hooks=[*([UploadPreemption(preempted)] if preempted else []), *hooks])
 
 
 def trainable(setup: TrialSetup):

@@ -313,7 +313,7 @@ def _train_epochs(run: Run, data: _Data, checkpoints: _Checkpoints, hooks: list[
                     checkpoints.save(run, {}, hooks)
                 if done < run.steps_per_epoch and notice.requested(run.ctx, step, cfg.train.log_interval):
                     run.position = ckpt.Position(epoch, step, done)
-                    raise _preempted(checkpoints.save(run, {}, hooks), step)
+                    raise _preempted(run, checkpoints.save(run, {}, hooks), step, hooks)
         elapsed = time.perf_counter() - started
         metrics = dict(zip(LOSS_TERMS, (epoch_terms / max(epoch_steps, 1)).tolist()))
         metrics.update(epoch=epoch + 1, step=step, lr=schedule.get("lr", float("nan")),
@@ -338,15 +338,17 @@ def _train_epochs(run: Run, data: _Data, checkpoints: _Checkpoints, hooks: list[
             for hook in hooks:
                 hook.on_evaluation(run, dict(metrics), saved)
         if not finished and notice.requested(run.ctx):
-            raise _preempted(saved if is_ckpt else checkpoints.save(run, metrics, hooks), step)
+            raise _preempted(run, saved if is_ckpt else checkpoints.save(run, metrics, hooks), step, hooks)
     return metrics
 
 
-def _preempted(checkpoint: Path | None, step: int) -> Preempted:
+def _preempted(run: Run, checkpoint: Path | None, step: int, hooks: list[Hook]) -> Preempted:
     """The exception that ends a preempted run, said in the run's log too (inside Ray nobody
-    else prints it)."""
+    else prints it), once the hooks have been told (`on_preemption`)."""
     stop = Preempted(checkpoint, step)
     log.warning("%s", stop)
+    for hook in hooks:
+        hook.on_preemption(run, checkpoint, step)
     return stop
 
 

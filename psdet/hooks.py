@@ -54,6 +54,7 @@ class Hook:
         after_epoch             the epoch's training figures, before evaluation
         on_checkpoint           the epoch's checkpoint, every train.ckpt_interval epochs (rank 0)
         on_evaluation           every train.eval_interval epochs, after that checkpoint
+    on_preemption               a preemption notice stopped the run, after its checkpoint
     after_train                 on every exit, an error included: close what before_train
                                 opened (it may have raised before reaching this hook)
 
@@ -88,6 +89,11 @@ class Hook:
     def on_evaluation(self, run: Run, metrics: dict[str, float], checkpoint: Path | None) -> None:
         """`metrics` holds every name in psdet.reporting.REPORTED; `checkpoint` is the one written
         at this point, on rank 0 (None elsewhere, or when this epoch wrote none)."""
+
+    def on_preemption(self, run: Run, checkpoint: Path | None, step: int) -> None:
+        """The run stops on a preemption notice (psdet.preemption) after global `step`, with
+        `checkpoint` written at exactly that step (on rank 0; None elsewhere); every rank is
+        told, at the same step."""
 
     def after_train(self, run: Run) -> None:
         pass

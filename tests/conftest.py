@@ -47,7 +47,7 @@ def ray_cluster():
 # The slowest modules first (each is minutes of Ray, training or benchmark runs), so that under
 # `pytest -n 2 --dist loadfile` the fast modules fill the gaps at the end instead of one long
 # module running alone after everything else.
-SLOWEST_FIRST = ["test_cluster.py", "test_sweep.py", "test_benchmarks_on_ray.py", "test_benchmarks.py",
+SLOWEST_FIRST = ["test_cluster.py", "test_sweep.py", "test_chaos.py", "test_benchmarks_on_ray.py", "test_benchmarks.py",
                  "test_learning.py", "test_report.py", "test_search_quality_replay.py", "test_search_quality.py",
                  "test_engine_processes.py", "test_fuzz.py", "test_engine.py"]
 

@@ -89,3 +89,27 @@ def test_a_corrupt_registered_checkpoint_gives_way_to_the_previous_one(tmp_path)
     assert verified_checkpoint(ray.train.Checkpoint(str(second)), tmp_path) == first  # never a newer one
     _corrupt(first)
     assert verified_checkpoint(registered, tmp_path) is None
+
+
+def test_a_preempted_runs_copy_is_the_newest_one_that_verifies(tmp_path):
+    """UploadPreemption copies the checkpoint of a preempted run's last step to the trial's
+    storage (a local directory stands in for S3 here) and deletes the older copy there;
+    fetch_preempted downloads the newest copy that verifies, passing over one the kill after
+    the notice cut short, and finds nothing where nothing was copied."""
+    from orchestrate.ray_reporter import UploadPreemption, fetch_preempted
+
+    uri = str(tmp_path / "storage" / "trial_1" / "preempted")
+    assert fetch_preempted(uri, tmp_path / "nothing") is None
+    upload = UploadPreemption(uri)
+    upload.on_preemption(None, None, 5)  # not rank 0: nothing to copy
+    assert not Path(uri).exists()
+    upload.on_preemption(None, _save(tmp_path / "engine", 0, 5, 5), 5)
+    upload.on_preemption(None, _save(tmp_path / "engine", 1, 9, 3), 9)
+    assert sorted(p.name for p in Path(uri).iterdir()) == ["ckpt-e0001-s00000009"]  # the older copy deleted
+    found, meta = fetch_preempted(uri, tmp_path / "downloads")
+    assert meta["step"] == 9 and found.parent == tmp_path / "downloads" and ckpt.read_meta(found) == meta
+
+    shutil.copytree(Path(uri) / "ckpt-e0001-s00000009", Path(uri) / "ckpt-e0002-s00000014")
+    _corrupt(Path(uri) / "ckpt-e0002-s00000014")  # a newer copy, torn
+    found, meta = fetch_preempted(uri, tmp_path / "again")
+    assert meta["step"] == 9

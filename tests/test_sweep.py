@@ -14,20 +14,30 @@ TorchTrainer) and in the trial's own process (1 worker).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cluster_helpers import (TUNE, Driver, descendants, listening_sockets, off_loopback, tune_trial_statuses,
-                             wait_until)
+from cluster_helpers import (TUNE, Driver, S3Server, descendants, listening_sockets, off_loopback,
+                             tune_trial_statuses, wait_until)
 from conftest import REPO
+
+# The preemption test's storage is moto's S3 on 127.0.0.1: this module's Ray (tests/conftest.py,
+# started from this process) and its workers take these test credentials from here, and no S3
+# client asks the EC2 metadata address.
+for _key, _value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    os.environ.setdefault(_key, _value)
 
 SMOKE = REPO / "search_spaces" / "smoke.yaml"
 FINISHED = re.compile(r"^trial (\S+) (completed|pruned) after")
@@ -352,17 +362,20 @@ def test_journal_mirror_copies_the_journal_whenever_tune_saves_the_experiment(tm
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_to_a_worker_is_a_preemption_no_step_lost(ray_cluster, env, tmp_path, workers):
-    """SIGTERM to rank 0 mid-epoch (a spot notice) inside Ray: the step in flight finishes, the
-    engine checkpoints exactly that step and stops; the trial's next attempt starts at the step
-    after it, and ends bit for bit like an uninterrupted twin."""
-    space = twin_space(tmp_path / "preempted.yaml", workers, {"train.epochs": 3, "train.ckpt_every_steps": 2},
+    """SIGTERM to rank 0 mid-epoch (a spot notice) inside Ray, the sweep's storage on S3 (moto):
+    the step in flight finishes, the engine checkpoints exactly that step, reports it and stops;
+    the trial's next attempt starts at the step after it from the reported copy (with remote
+    storage the engine's own checkpoints are node-local scratch, which no retry reads), and
+    ends bit for bit like an uninterrupted twin."""
+    name = f"preempted-{workers}-{os.urandom(3).hex()}"  # its scratch under /tmp is the test's own
+    space = twin_space(tmp_path / f"{name}.yaml", workers, {"train.epochs": 3, "train.ckpt_every_steps": 2},
                        experiment__synthetic_data={"train": 48, "val": 8, "seed": 0})
-    storage = tmp_path / "runs"
-    experiment = storage / "preempted"
-    sweep = Driver([*TUNE, "--space", space, "--address", ray_cluster.address, "--storage", storage], env)
+    s3 = S3Server()
+    sweep = Driver([*TUNE, "--space", space, "--address", ray_cluster.address, "--storage", s3.uri("runs")], env)
+    scratch = Path(tempfile.gettempdir(), "psdet-sweeps", name)
     try:
         stopped_id = sweep.wait_for(r"^trial (\S+) epoch 1/3", timeout=400).group(1)
-        trial_dir = experiment / f"trial_{stopped_id}"
+        trial_dir = scratch / f"trial_{stopped_id}"
         # 6 steps an epoch: the notice comes after the mid-epoch checkpoint at step 8 (epoch 2, batch
         # 2), while the loop trains, not while it evaluates or reports
         wait_until(lambda: list(trial_dir.glob("run-*/checkpoints/ckpt-e0001-s00000008")), timeout=200,
@@ -370,11 +383,14 @@ def test_sigterm_to_a_worker_is_a_preemption_no_step_lost(ray_cluster, env, tmp_
         os.kill(rank0_pid(trial_dir), signal.SIGTERM)
         sweep.wait_for(r"^results ", timeout=300)
         assert sweep.wait(timeout=60) == 0, sweep.tail(40)
+        rows = {row["trial_id"]: row for row in
+                pq.read_table(io.BytesIO(s3.read(f"runs/{name}/results.parquet"))).to_pylist()}
+        text = "\n".join(log.read_text() for log in sorted(trial_dir.glob("run-*/train.log")))
     finally:
         sweep.kill()
+        s3.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
 
-    logs = [log.read_text() for log in sorted(trial_dir.glob("run-*/train.log"))]
-    text = "\n".join(logs)
     said = re.search(r"preempted \(SIGTERM\): stopped after step (\d+) with a checkpoint at (\S+)", text)
     assert said, text[-3000:]
     stopped_step, checkpoint = int(said[1]), said[2]
@@ -382,9 +398,8 @@ def test_sigterm_to_a_worker_is_a_preemption_no_step_lost(ray_cluster, env, tmp_
     resumed = re.search(r"resumed from (\S+): epoch (\d+), step (\d+), batch (\d+)", text)
     assert resumed, text[-3000:]
     assert int(resumed[3]) == stopped_step  # the next attempt's first step is the one after it: none lost
-    assert Path(resumed[1]).name == Path(checkpoint).name
+    assert not resumed[1].startswith(str(scratch))  # from the reported copy in storage, not the scratch
 
-    rows = {row["trial_id"]: row for row in results(experiment)}
     stopped, clean = rows.pop(stopped_id), next(iter(rows.values()))
     assert stopped["status"] == clean["status"] == "completed"
     assert stopped["restarts"] == 1 and clean["restarts"] == 0
