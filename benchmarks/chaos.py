@@ -24,7 +24,8 @@ Each fault waits for its moment in a live run, so for the trials hit by the one 
 
 Then it checks, from the storage the sweep left (results.parquet, the Optuna journal, the
 trials' checkpoints) and the engine's logs:
-- survived, per kind: the sweep finished and every trial the fault hit ended completed;
+- survived, per kind: the sweep finished and every trial the fault hit ended completed (a
+  trial a killed driver started after Tune's last save: the new trial that continued it);
 - lost: trials the study asked for that did not end completed, pruned or errored with a reason;
 - duplicated: parameter sets trained by more than one trial in the results, plus Optuna
   trials without their Tune trial and the reverse;
@@ -362,21 +363,26 @@ def check(faults: list[Fault], s3: S3Server, name: str, reference: str, num_samp
     exact = len(matched)
     statuses = {row["trial_id"]: row["status"] for row in rows}
     runs = engine_runs(scratch)
+    ledger = json.loads(s3.read(f"{prefix}/trials.json")) if finished else {}
+    # A trial the killed driver started after Tune's last save is abandoned; a new trial with
+    # its parameters continues it from its checkpoint (orchestrate.results.adoptable).
+    successor = {tid: record["continued_by"] for tid, record in ledger.items()
+                 if record["status"] == "abandoned" and record.get("continued_by")}
     for fault in faults:
         if not fault.injected:
             continue
-        fault.survived = finished and all(statuses.get(trial_id) == "completed" for trial_id, _ in fault.hit)
+        fault.survived = finished and all(statuses.get(successor.get(trial_id, trial_id)) == "completed"
+                                          for trial_id, _ in fault.hit)
         for trial_id, path in fault.hit:
             trial_runs = runs.get(trial_id, [])
             index = next(i for i, run in enumerate(trial_runs) if run.path == path)
             hit_run = trial_runs[index]
-            later = trial_runs[index + 1:]
+            later = trial_runs[index + 1:] or runs.get(successor.get(trial_id, ""), [])
             if later:
                 resumed = later[0].resumed_step or 0
             else:  # never ran again: nothing lost if this run had finished it, else all of it
                 resumed = hit_run.last_step if statuses.get(trial_id) == "completed" else 0
             fault.lost_steps.append(max(hit_run.last_step - resumed, 0))
-    ledger = json.loads(s3.read(f"{prefix}/trials.json")) if finished else {}
     for trial_id, record in ledger.items():  # what a lost or duplicated trial went through, to find out why
         if record["status"] not in ("completed", "pruned", "errored") or trial_id not in tune_ids:
             print(f"trial {trial_id} in trials.json: status {record['status']}, epochs {record['epochs']}, "

@@ -53,6 +53,7 @@ log = logging.getLogger("psdet")
 WORKER_RESTARTS = "worker_restarts"
 FROM_RAY = "ray"  # rank 0's choice, broadcast: resume from Ray's registered checkpoint
 FROM_PREEMPTED = "preempted"  # ... from the preempted run's copy in remote storage (each rank fetches it)
+FROM_TWIN = "twin"  # ... from an abandoned twin's newest reported checkpoint (each rank fetches it)
 PREEMPTED_DIR = "preempted"  # in a trial's remote storage: the checkpoint of a preempted run's last step
 
 
@@ -150,6 +151,20 @@ def fetch_preempted(uri: str, downloads: Path) -> tuple[Path, dict] | None:
     return None
 
 
+def adopted_checkpoint(uri: str, downloads: Path) -> Path | None:
+    """The newest reported checkpoint under `uri` (another trial's `checkpoint_*`: an abandoned
+    twin's, orchestrate.results.adoptable) as a local verified directory
+    (`verified_checkpoint`); None if there is none."""
+    fs, root = storage.filesystem(uri)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    names = sorted(info.path for info in infos
+                   if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_"))
+    if not names:
+        return None
+    downloads.mkdir(parents=True, exist_ok=True)
+    return verified_checkpoint(ray.train.Checkpoint(names[-1], filesystem=fs), downloads)
+
+
 def take_sigterm() -> None:
     """In a Ray Train worker, before the engine starts: SIGTERM goes to the engine's
     preemption notice (`psdet.preemption.deliver_notice`) instead of Ray's handler, which
@@ -184,16 +199,21 @@ class RayResume:
     `engine_checkpoints`: the engine's checkpoint folder, when every worker can read it
     (shared or single-node storage); None to resume from Ray's checkpoints alone.
     `preempted`: with remote storage, the trial's `preempted/` (`UploadPreemption`), taken
-    when it is newer than Ray's. Keep the object until the engine has loaded the checkpoint:
-    a remote one is downloaded into a temporary directory that lives as long as it does.
+    when it is newer than Ray's. `adopt_from`: an abandoned twin's reported checkpoints
+    (orchestrate.results.adoptable), taken when the run has none of its own. Keep the object
+    until the engine has loaded the checkpoint: a remote one is downloaded into a temporary
+    directory that lives as long as it does.
     """
 
-    def __init__(self, engine_checkpoints: Path | None = None, preempted: str | None = None) -> None:
+    def __init__(self, engine_checkpoints: Path | None = None, preempted: str | None = None,
+                 adopt_from: str | None = None) -> None:
         self.engine_checkpoints = engine_checkpoints
         self.preempted = preempted
+        self.adopt_from = adopt_from
         self._downloaded: tempfile.TemporaryDirectory | None = None
         self._verified: Path | None = None
         self._preempted: tuple[Path | None, dict | None] | None = None
+        self._twin: tuple[Path | None] | None = None
 
     def latest_checkpoint(self) -> Path | None:
         choice = None
@@ -204,10 +224,25 @@ class RayResume:
             return self._ray_checkpoint()
         if choice == FROM_PREEMPTED:
             return self._preempted_checkpoint()[0]
+        if choice == FROM_TWIN:
+            return self._twin_checkpoint()
         return Path(choice) if choice is not None else None
 
     def _choose(self) -> str | None:
-        """Rank 0: FROM_RAY, the path of the engine's checkpoint, or None (start fresh)."""
+        """Rank 0: FROM_RAY, FROM_PREEMPTED, the path of the engine's checkpoint, FROM_TWIN, or
+        None (start fresh)."""
+        chosen = self._choose_own()
+        if chosen is None and self.adopt_from is not None and self._twin_checkpoint() is not None:
+            return FROM_TWIN
+        return chosen
+
+    def _twin_checkpoint(self) -> Path | None:
+        if self._twin is None:
+            self._twin = (storage.patiently(lambda: adopted_checkpoint(self.adopt_from, self._downloads()),
+                                            "fetching the abandoned twin's checkpoint"),)
+        return self._twin[0]
+
+    def _choose_own(self) -> str | None:
         registered = ray.train.get_checkpoint()
         if self.engine_checkpoints is None and self.preempted is None:
             return FROM_RAY if registered is not None else None

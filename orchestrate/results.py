@@ -15,7 +15,10 @@ Status: `completed` ran all its planned epochs, `pruned` ended earlier without a
 error (ASHA stopped it, or the time budget ran out), `errored` failed for good,
 `running` was cut off (only seen if the sweep did not finish). A trial a killed driver
 started after Ray last saved its experiment state is unknown to the resumed sweep (Ray
-starts a new one in its place): its record is marked `abandoned` and left out of the results.
+starts a new one in its place): its record is marked `abandoned` at the resumed driver's
+first step and left out of the results. A new trial with the same parameters (the restored
+sampler draws them again) `continues` it: it starts from the abandoned trial's newest
+reported checkpoint (`adoptable`, orchestrate/trial.py), so its work is not done twice.
 """
 from __future__ import annotations
 
@@ -78,12 +81,36 @@ class TrialLedger(tune.Callback):
     def setup(self, **info) -> None:
         self.records = read_ledger(self.experiment_uri)
         self._session_start = {}
+        self._settled = False
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        """At a resumed driver's first step, before Tune asks for new trials: the records of
+        trials Tune did not restore are abandoned (a new trial may continue one)."""
+        if self._settled:
+            return
+        self._settled = True
+        known = {trial.trial_id for trial in trials}
+        left = sorted(tid for tid, record in self.records.items()
+                      if tid not in known and record["status"] != "abandoned")
+        for trial_id in left:
+            self.records[trial_id]["status"] = "abandoned"
+            print(f"trial {trial_id} abandoned: the dead driver started it after Tune last saved its state",
+                  flush=True)
+        if left:
+            self._save(trials[0] if trials else None)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         record = self._record(trial)
         if record["status"] in FINISHED:  # Ray's state predates its end; run_trial will not train it
             print(f"trial {trial.trial_id} already {record['status']} before the driver restarted", flush=True)
             return
+        twin = (adoptable(self.records, trial.trial_id, record["params"], record["baseline"])
+                if record["status"] == "pending" else None)
+        if twin is not None:
+            record["continues"] = twin
+            self.records[twin]["continued_by"] = trial.trial_id
+            print(f"trial {trial.trial_id} continues abandoned trial {twin} (the same parameters) from its "
+                  "checkpoint", flush=True)
         record["status"] = "running"
         record["wall_base_s"] = record["wall_time_s"]
         record["worker_restarts_base"] = record["worker_restarts"]
@@ -201,6 +228,18 @@ def _fmt(value: Any) -> str:
 
 def _params_text(params: dict[str, Any]) -> str:
     return ", ".join(f"{key}={_fmt(value)}" for key, value in params.items()) or "(no parameters)"
+
+
+def adoptable(records: dict[str, dict[str, Any]], trial_id: str, params: dict[str, Any],
+              baseline: bool) -> str | None:
+    """The abandoned trial that the new trial `trial_id` (with `params`) continues: one with the
+    same parameters and baseline flag that reported a checkpoint and that no other trial
+    continues; the one furthest on if several. None if there is none."""
+    twins = [(record["epochs"], tid) for tid, record in records.items()
+             if tid != trial_id and record["status"] == "abandoned" and record.get("checkpoint")
+             and record["params"] == params and record["baseline"] == baseline
+             and record.get("continued_by") in (None, trial_id)]
+    return max(twins)[1] if twins else None
 
 
 def stranded(records: dict[str, dict[str, Any]]) -> list[str]:

@@ -45,8 +45,9 @@ from ray.train.torch import TorchTrainer
 
 from orchestrate import storage
 from orchestrate.ray_reporter import (PREEMPTED_DIR, RayReporter, RayResume, TuneReport, UploadPreemption,
-                                      fetch_preempted, newer_of, take_sigterm, verified_checkpoint)
-from orchestrate.results import FINISHED, read_ledger
+                                      adopted_checkpoint, fetch_preempted, newer_of, take_sigterm,
+                                      verified_checkpoint)
+from orchestrate.results import FINISHED, adoptable, read_ledger
 from orchestrate.search import strip_baseline
 from orchestrate.space import SweepSpec, SyntheticData, trial_config
 from psdet import checkpoint as ckpt
@@ -186,25 +187,36 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     if finished is not None:
         tune.report(finished)
         return
-    params, _ = strip_baseline(config)
+    params, baseline = strip_baseline(config)
     cfg = trial_config(setup.spec, params, setup.data_root)
     # Ray keeps the trial's checkpoints (fault_tolerance.checkpoints_kept); the engine's own
     # copy is only needed until Ray has taken it.
     cfg.train.keep_checkpoints = 1
     set_tensorboard(cfg, setup, trial_id, params)
+    twin = storage.patiently(lambda: adoptable(read_ledger(setup.experiment_uri), trial_id, params, baseline),
+                             "reading the trial's records")
+    adopt_from = reported_checkpoints_uri(setup, twin) if twin is not None else None
     if setup.in_process:
-        train_in_process(setup, trial_id, cfg)
+        train_in_process(setup, trial_id, cfg, adopt_from)
         return
     loop_config = {
         "config": to_dict(cfg),
         **engine_dirs(setup, trial_id),
+        "adopt_from": adopt_from,
         "synthetic": setup.synthetic,
     }
     build_trainer(setup, trial_id, loop_config).fit()
 
 
-def train_in_process(setup: TrialSetup, trial_id: str, cfg: Config) -> None:
-    """The one-worker trial: psdet.engine here, reporting each evaluation to Tune."""
+def reported_checkpoints_uri(setup: TrialSetup, trial_id: str) -> str:
+    """Where trial `trial_id`'s reported checkpoints are: Tune's (one worker) or its Train run's."""
+    uri = trial_uri(setup, trial_id)
+    return uri if setup.in_process else storage.join(uri, TRAIN_RUN_NAME)
+
+
+def train_in_process(setup: TrialSetup, trial_id: str, cfg: Config, adopt_from: str | None = None) -> None:
+    """The one-worker trial: psdet.engine here, reporting each evaluation to Tune
+    (`adopt_from`: an abandoned twin's checkpoints, for a trial that has none of its own)."""
     from psdet.engine import train
 
     if setup.synthetic is not None and not Path(cfg.data.root).is_dir():
@@ -215,7 +227,7 @@ def train_in_process(setup: TrialSetup, trial_id: str, cfg: Config) -> None:
     dirs = engine_dirs(setup, trial_id)
     earlier_runs = Path(trial_uri(setup, trial_id)) if dirs["resume_from_engine"] else None
     preempted = dirs["preempted_uri"]
-    train(cfg, Path(dirs["out_dir"]), TuneReporter(), resume=TuneResume(earlier_runs, preempted),
+    train(cfg, Path(dirs["out_dir"]), TuneReporter(), resume=TuneResume(earlier_runs, preempted, adopt_from),
           hooks=[UploadPreemption(preempted)] if preempted else [])
 
 
@@ -232,14 +244,16 @@ class TuneResume:
     from the newest (by global step) of the checkpoint Tune restored and the engine's newest
     valid one in the trial's earlier runs (`trial_dir`, local storage only: a mid-epoch
     checkpoint, or one whose report Tune had not taken when the process died), or with remote
-    storage the preempted run's copy (`preempted`, orchestrate.ray_reporter.UploadPreemption).
-    A corrupt checkpoint of Tune's gives way to the previous one (`verified_checkpoint`). Keep
-    the object until the engine has loaded the checkpoint (a remote one is downloaded into a
-    temporary directory that lives as long as it does)."""
+    storage the preempted run's copy (`preempted`, orchestrate.ray_reporter.UploadPreemption);
+    with none of these, the newest reported checkpoint under `adopt_from` (an abandoned twin's,
+    orchestrate.results.adoptable). A corrupt checkpoint of Tune's gives way to the previous one
+    (`verified_checkpoint`). Keep the object until the engine has loaded the checkpoint (a
+    remote one is downloaded into a temporary directory that lives as long as it does)."""
 
-    def __init__(self, trial_dir: Path | None, preempted: str | None = None) -> None:
+    def __init__(self, trial_dir: Path | None, preempted: str | None = None, adopt_from: str | None = None) -> None:
         self.trial_dir = trial_dir
         self.preempted = preempted
+        self.adopt_from = adopt_from
         self._downloaded: tempfile.TemporaryDirectory | None = None
 
     def latest_checkpoint(self) -> Path | None:
@@ -254,7 +268,11 @@ class TuneResume:
                                      "fetching the preempted run's checkpoint")
             found += [copy] if copy is not None else []
         newest = max(found, key=lambda one: one[1]["step"]) if found else None
-        return newer_of(from_tune, newest)  # each verified once, above
+        chosen = newer_of(from_tune, newest)  # each verified once, above
+        if chosen is None and self.adopt_from is not None:
+            return storage.patiently(lambda: adopted_checkpoint(self.adopt_from, Path(self._downloaded.name)),
+                                     "fetching the abandoned twin's checkpoint")
+        return chosen
 
     def _tune_checkpoint(self, downloads: Path) -> Path | None:
         checkpoint = tune.get_checkpoint()
@@ -300,7 +318,8 @@ def train_loop_per_worker(loop_config: dict[str, Any], hooks: Sequence[Hook] = (
         ensure_synthetic(loop_config["synthetic"], Path(cfg.data.root))
     out_dir = Path(loop_config["out_dir"])
     preempted = loop_config.get("preempted_uri")
-    resume = RayResume(out_dir / "checkpoints" if loop_config.get("resume_from_engine") else None, preempted)
+    resume = RayResume(out_dir / "checkpoints" if loop_config.get("resume_from_engine") else None, preempted,
+                       loop_config.get("adopt_from"))
     take_sigterm()  # a SIGTERM (a spot notice) becomes a checkpoint of the step in flight
     train(cfg, out_dir, RayReporter(), resume=resume,
           hooks=[*([UploadPreemption(preempted)] if preempted else []), *hooks])

@@ -113,3 +113,17 @@ def test_a_preempted_runs_copy_is_the_newest_one_that_verifies(tmp_path):
     _corrupt(Path(uri) / "ckpt-e0002-s00000014")  # a newer copy, torn
     found, meta = fetch_preempted(uri, tmp_path / "again")
     assert meta["step"] == 9
+
+
+def test_an_abandoned_twins_newest_reported_checkpoint_is_adopted(tmp_path):
+    """adopted_checkpoint: the newest `checkpoint_*` under another trial's directory that
+    verifies (a corrupt newest gives way to the one before), None where it reported none."""
+    from orchestrate.ray_reporter import adopted_checkpoint
+
+    twin = tmp_path / "trial_twin"
+    assert adopted_checkpoint(str(twin), tmp_path / "downloads") is None
+    older = _tune_checkpoint(twin, 0, 4)
+    newer = _tune_checkpoint(twin, 1, 8)
+    assert adopted_checkpoint(str(twin), tmp_path / "downloads") == newer
+    _corrupt(newer)
+    assert adopted_checkpoint(str(twin), tmp_path / "downloads") == older

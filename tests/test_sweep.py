@@ -279,7 +279,13 @@ def test_driver_killed_then_resumed_finishes_the_sweep(ray_cluster, env, tmp_pat
             assert len(runs) == 2 and "resumed from" in (runs[-1] / "train.log").read_text(), runs
         else:  # started after Tune last saved its state: a new trial took its place
             assert trial_id not in by_id and len(runs) == 1, (trial_id, sorted(by_id), runs)
-            assert ledger(experiment)[trial_id]["status"] == "abandoned"
+            record = ledger(experiment)[trial_id]
+            assert record["status"] == "abandoned"
+            successor = record.get("continued_by")
+            if successor is not None:  # its parameters drawn again: started from its checkpoint
+                assert ledger(experiment)[successor]["continues"] == trial_id
+                first = sorted((experiment / f"trial_{successor}").glob("run-*"))[0]
+                assert "resumed from" in (first / "train.log").read_text()
 
     study = study_trials(experiment, "resumable")
     tracked = {t.user_attrs.get("tune_trial_id"): t for t in study if t.state.name in ("COMPLETE", "PRUNED")}
