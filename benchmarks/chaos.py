@@ -441,6 +441,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--images", type=int, default=32, help="synthetic training images")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, scratch) to look into")
     args = parser.parse_args()
     counts = parse_counts(args.faults) if args.faults else (SMALL if args.small else FULL)
     args.trials = args.trials or (3 if args.small else 6)
@@ -519,7 +520,13 @@ def run(args, counts: dict[str, int]) -> int:
         if cluster is not None:
             cluster.shutdown()
         s3.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.keep:
+            for number, driver in enumerate(chaos.drivers if chaos is not None else [], start=1):
+                driver._drain()
+                (workdir / f"driver-{number}.log").write_text("\n".join(driver.seen) + "\n")
+            print(f"kept {workdir}", flush=True)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     return report(faults, found, steps_per_epoch)
 
 

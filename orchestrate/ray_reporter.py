@@ -225,6 +225,7 @@ class RayResume:
         if choice == FROM_PREEMPTED:
             return self._preempted_checkpoint()[0]
         if choice == FROM_TWIN:
+            log.info("no checkpoint of its own: continuing the abandoned trial under %s", self.adopt_from)
             return self._twin_checkpoint()
         return Path(choice) if choice is not None else None
 

@@ -31,6 +31,7 @@ engine continues from the newest one.
 """
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
 import time
@@ -58,6 +59,8 @@ if TYPE_CHECKING:
     from psdet.hooks import Hook
 
 TRAIN_RUN_NAME = "train"
+
+log = logging.getLogger("psdet")  # the engine's logger: lines land in the run's train.log
 
 
 @dataclass(frozen=True)
@@ -270,8 +273,11 @@ class TuneResume:
         newest = max(found, key=lambda one: one[1]["step"]) if found else None
         chosen = newer_of(from_tune, newest)  # each verified once, above
         if chosen is None and self.adopt_from is not None:
-            return storage.patiently(lambda: adopted_checkpoint(self.adopt_from, Path(self._downloaded.name)),
-                                     "fetching the abandoned twin's checkpoint")
+            adopted = storage.patiently(lambda: adopted_checkpoint(self.adopt_from, Path(self._downloaded.name)),
+                                        "fetching the abandoned twin's checkpoint")
+            log.info("no checkpoint of its own: continuing the abandoned trial under %s from %s", self.adopt_from,
+                     adopted)
+            return adopted
         return chosen
 
     def _tune_checkpoint(self, downloads: Path) -> Path | None:
