@@ -43,6 +43,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrate import storage
 from psdet import checkpoint as ckpt
+from psdet import distributed
 from psdet.errors import CheckpointError
 from psdet.hooks import Hook
 from psdet.preemption import deliver_notice
@@ -108,15 +109,19 @@ def verified_checkpoint(checkpoint: ray.train.Checkpoint, downloads: Path) -> Pa
 
 class UploadPreemption(Hook):
     """Rank 0 copies the checkpoint of a preempted run's last step to `uri` (the trial's
-    `preempted/` in remote storage), then deletes the older copies there. A storage that does
-    not answer costs the steps since the last report, with a warning, not the run."""
+    `preempted/` in remote storage), then deletes the older copies there; the other ranks wait
+    for it, since the first rank to exit ends the worker group (rank 0's copy with it). A
+    storage that does not answer costs the steps since the last report, with a warning, not the run."""
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
 
     def on_preemption(self, run, checkpoint: Path | None, step: int) -> None:
-        if checkpoint is None:
-            return  # not rank 0
+        if checkpoint is not None:  # rank 0
+            self._upload(checkpoint)
+        distributed.barrier(run.ctx)
+
+    def _upload(self, checkpoint: Path) -> None:
         fs, root = storage.filesystem(self.uri)
         target = f"{root}/{checkpoint.name}"
         try:

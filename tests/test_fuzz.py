@@ -1,7 +1,7 @@
 """Every file a user hands us, broken every way we can think of.
 
 For each kind of file (a config, a search space, a `best_config.yaml` fed back to
-`psdet train`, a json label, an image, a checkpoint's two files, a sweep's `sweep.json`
+`psdet train`, a json label, a `.mat` label, an image, a checkpoint's two files, a sweep's `sweep.json`
 and its Optuna journal on `--resume`) and each break (random bytes, an empty file, a
 truncated file, another text encoding, a directory where the file should be, a file the
 user may not read, deeply nested or huge YAML / JSON), the command that reads it ends in
@@ -305,6 +305,32 @@ def test_every_break_of_a_label(world_dir, synth_data, trained_run):
         data = world_dir / name.replace(" ", "_")
         shutil.copytree(synth_data, data)
         label, _ = _first_val_sample(data)
+        good = label.read_bytes()
+        label.unlink()
+        brk(label, good)
+        _open_up(data)
+        outcome = _run(psdet_main, _eval_argv(data, trained_run), as_nobody=name == "unreadable")
+        assert_one_line_naming(outcome, label, name)
+
+
+@pytest.fixture(scope="module")
+def synth_mat_data(world_root) -> Path:
+    """The same synthetic set in ps2.0's own layout: `.mat` labels under annotations/."""
+    root = world_root / "synth-mat"
+    assert psdet_main(["synth", "--out", str(root), "--train", "8", "--val", "2", "--seed", "3",
+                       "--format", "mat"]) == 0
+    _open_up(root)
+    return root
+
+
+def test_every_break_of_a_mat_label(world_dir, synth_mat_data, trained_run):
+    """ps2.0's `.mat` labels (binary, so no text encodings): one line naming the file, exit 2."""
+    assert _call(psdet_main, _eval_argv(synth_mat_data, trained_run)).code == 0
+    for name, brk in BINARY_BREAKS.items():
+        data = world_dir / name.replace(" ", "_")
+        shutil.copytree(synth_mat_data, data)
+        label, _ = _first_val_sample(data)
+        assert label.suffix == ".mat", label
         good = label.read_bytes()
         label.unlink()
         brk(label, good)

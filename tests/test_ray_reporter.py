@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -98,13 +99,16 @@ def test_a_preempted_runs_copy_is_the_newest_one_that_verifies(tmp_path):
     the notice cut short, and finds nothing where nothing was copied."""
     from orchestrate.ray_reporter import UploadPreemption, fetch_preempted
 
+    from psdet.distributed import DistContext
+
     uri = str(tmp_path / "storage" / "trial_1" / "preempted")
     assert fetch_preempted(uri, tmp_path / "nothing") is None
     upload = UploadPreemption(uri)
-    upload.on_preemption(None, None, 5)  # not rank 0: nothing to copy
+    run = SimpleNamespace(ctx=DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    upload.on_preemption(run, None, 5)  # not rank 0: nothing to copy
     assert not Path(uri).exists()
-    upload.on_preemption(None, _save(tmp_path / "engine", 0, 5, 5), 5)
-    upload.on_preemption(None, _save(tmp_path / "engine", 1, 9, 3), 9)
+    upload.on_preemption(run, _save(tmp_path / "engine", 0, 5, 5), 5)
+    upload.on_preemption(run, _save(tmp_path / "engine", 1, 9, 3), 9)
     assert sorted(p.name for p in Path(uri).iterdir()) == ["ckpt-e0001-s00000009"]  # the older copy deleted
     found, meta = fetch_preempted(uri, tmp_path / "downloads")
     assert meta["step"] == 9 and found.parent == tmp_path / "downloads" and ckpt.read_meta(found) == meta

@@ -380,12 +380,15 @@ def test_sigterm_to_a_worker_is_a_preemption_no_step_lost(ray_cluster, env, tmp_
     sweep = Driver([*TUNE, "--space", space, "--address", ray_cluster.address, "--storage", s3.uri("runs")], env)
     scratch = Path(tempfile.gettempdir(), "psdet-sweeps", name)
     try:
-        stopped_id = sweep.wait_for(r"^trial (\S+) epoch 1/3", timeout=400).group(1)
-        trial_dir = scratch / f"trial_{stopped_id}"
         # 6 steps an epoch: the notice comes after the mid-epoch checkpoint at step 8 (epoch 2, batch
-        # 2), while the loop trains, not while it evaluates or reports
-        wait_until(lambda: list(trial_dir.glob("run-*/checkpoints/ckpt-e0001-s00000008")), timeout=200,
-                   what="the mid-epoch checkpoint at step 8", poll_s=0.05)
+        # 2), while the loop trains, not while it evaluates or reports. Watched in the scratch, not
+        # through the driver's "epoch 1/3" line: an epoch takes about 2 s, and a result reaches the
+        # driver through Train's 2 s poll, so that line can come after step 10 has pruned step 8's.
+        found: list[Path] = []
+        wait_until(lambda: found.extend(scratch.glob("trial_*/run-*/checkpoints/ckpt-e0001-s00000008")) or found,
+                   timeout=400, what="a trial's mid-epoch checkpoint at step 8", poll_s=0.05)
+        trial_dir = found[0].parents[2]
+        stopped_id = trial_dir.name.removeprefix("trial_")
         os.kill(rank0_pid(trial_dir), signal.SIGTERM)
         sweep.wait_for(r"^results ", timeout=300)
         assert sweep.wait(timeout=60) == 0, sweep.tail(40)
