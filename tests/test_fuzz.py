@@ -299,18 +299,24 @@ def _first_val_sample(data: Path) -> tuple[Path, Path]:
     return Path(first.label_path), Path(first.image_path)
 
 
-def test_every_break_of_a_label(world_dir, synth_data, trained_run):
-    assert _call(psdet_main, _eval_argv(synth_data, trained_run)).code == 0
-    for name, brk in JSON_BREAKS.items():
+def _break_each_label(world_dir: Path, dataset: Path, trained_run: Path, breaks: dict, suffix: str) -> None:
+    """`psdet eval` on a copy of `dataset` per break, its first validation label broken."""
+    assert _call(psdet_main, _eval_argv(dataset, trained_run)).code == 0
+    for name, brk in breaks.items():
         data = world_dir / name.replace(" ", "_")
-        shutil.copytree(synth_data, data)
+        shutil.copytree(dataset, data)
         label, _ = _first_val_sample(data)
+        assert label.suffix == suffix, label
         good = label.read_bytes()
         label.unlink()
         brk(label, good)
         _open_up(data)
         outcome = _run(psdet_main, _eval_argv(data, trained_run), as_nobody=name == "unreadable")
         assert_one_line_naming(outcome, label, name)
+
+
+def test_every_break_of_a_label(world_dir, synth_data, trained_run):
+    _break_each_label(world_dir, synth_data, trained_run, JSON_BREAKS, ".json")
 
 
 @pytest.fixture(scope="module")
@@ -325,18 +331,7 @@ def synth_mat_data(world_root) -> Path:
 
 def test_every_break_of_a_mat_label(world_dir, synth_mat_data, trained_run):
     """ps2.0's `.mat` labels (binary, so no text encodings): one line naming the file, exit 2."""
-    assert _call(psdet_main, _eval_argv(synth_mat_data, trained_run)).code == 0
-    for name, brk in BINARY_BREAKS.items():
-        data = world_dir / name.replace(" ", "_")
-        shutil.copytree(synth_mat_data, data)
-        label, _ = _first_val_sample(data)
-        assert label.suffix == ".mat", label
-        good = label.read_bytes()
-        label.unlink()
-        brk(label, good)
-        _open_up(data)
-        outcome = _run(psdet_main, _eval_argv(data, trained_run), as_nobody=name == "unreadable")
-        assert_one_line_naming(outcome, label, name)
+    _break_each_label(world_dir, synth_mat_data, trained_run, BINARY_BREAKS, ".mat")
 
 
 def test_every_break_of_an_image(world_dir, synth_data, trained_run):
