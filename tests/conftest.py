@@ -44,14 +44,27 @@ def ray_cluster():
         ray.shutdown()
 
 
-# The slowest modules first (each is minutes of Ray, training or benchmark runs), so that under
-# `pytest -n 2 --dist loadfile` the fast modules fill the gaps at the end instead of one long
-# module running alone after everything else.
-SLOWEST_FIRST = ["test_cluster.py", "test_sweep.py", "test_chaos.py", "test_benchmarks_on_ray.py", "test_benchmarks.py",
-                 "test_learning.py", "test_report.py", "test_search_quality_replay.py", "test_search_quality.py",
-                 "test_engine_processes.py", "test_fuzz.py", "test_engine.py"]
+# The slow tier, slowest first: the Ray sweeps and clusters, the benchmark smoke runs, the
+# learning test, the report's browser and client tests. Its tests are marked `slow` (`make
+# test-fast` runs -m "not slow") and put in one xdist group: under `make test` (-n 2 --dist
+# loadgroup) one process runs them one module after another, each module with its own Ray,
+# while the other process runs the fast tier beside the first of them.
+SLOW_MODULES = ["test_cluster.py", "test_sweep.py", "test_chaos.py", "test_benchmarks_on_ray.py", "test_benchmarks.py",
+                "test_learning.py", "test_report.py", "test_search_quality_replay.py", "test_search_quality.py",
+                "test_sweep_objectives.py"]
+# Then the slowest of the fast tier, so that its other modules fill the gaps at the end.
+SLOWEST_FIRST = [*SLOW_MODULES, "test_engine_processes.py", "test_fuzz.py", "test_engine.py"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: the slow tier (tests/conftest.py SLOW_MODULES), left out of make test-fast")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the group marks
 def pytest_collection_modifyitems(session, config, items):
+    for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.xdist_group("slow"))
     rank = {name: index for index, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a module kept

@@ -10,6 +10,7 @@ own recipe needs 1000 images and twice the time to pass the same bar.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -27,8 +28,20 @@ RECIPE = {"optim.optimizer": "adamw", "optim.scheduler": "cosine", "optim.warmup
           "optim.weight_decay": 2.458e-05}  # the demo sweep's best trial (README)
 
 
+@pytest.fixture
+def every_core():
+    """torch's threads on every core, as in a process of its own: under `make test` (-n 2, where
+    tests/conftest.py sets one OpenMP thread a process) this test runs after the fast tier is done."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.timeout(1800)
-def test_cpu_sweep_detector_learns_slots(tmp_path, capsys):
+def test_cpu_sweep_detector_learns_slots(tmp_path, capsys, every_core):
     data, run = tmp_path / "synth", tmp_path / "run"
     assert main(["synth", "--out", str(data), "--train", "800", "--val", "100", "--seed", "0"]) == 0
     assert main(["train", "-c", CONFIG, "--data", str(data), "--out", str(run),
