@@ -20,8 +20,8 @@ demo: setup
 	$(PY) orchestrate/tune.py --space search_spaces/lr.yaml
 
 # `make test` runs in two processes (TEST_WORKERS=0 for one). The slow tier (tests/conftest.py
-# SLOW_MODULES: Ray, learning, benchmark and report tests) is one xdist group, so one process
-# runs it module after module, as one process did before; the other runs the fast tier beside it.
+# SLOW_MODULES: Ray, learning, benchmark and report tests) is one unit of xdist's work, so one
+# process runs it module after module, as one process did before; the other runs the fast tier.
 # Two processes each taking whole modules of the slow tier (--dist loadfile) did not pay on two
 # cores (2026-12-01: 34 min against about 37 in one, and a two-worker preemption test ran past
 # its timeout): the Ray tests are CPU-bound. The fast tier has no Ray and runs in two processes
@@ -30,7 +30,7 @@ TEST_WORKERS ?= 2
 FAST_WORKERS ?= 2
 
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=30
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30
 
 test-fast: setup
 	$(PY) -m pytest -q -n $(FAST_WORKERS) --dist loadfile -m "not slow"

@@ -46,9 +46,9 @@ def ray_cluster():
 
 # The slow tier, slowest first: the Ray sweeps and clusters, the benchmark smoke runs, the
 # learning test, the report's browser and client tests. Its tests are marked `slow` (`make
-# test-fast` runs -m "not slow") and put in one xdist group: under `make test` (-n 2 --dist
-# loadgroup) one process runs them one module after another, each module with its own Ray,
-# while the other process runs the fast tier beside the first of them.
+# test-fast` runs -m "not slow"), and under pytest-xdist's --dist loadfile they are one unit of
+# work (pytest_xdist_make_scheduler below): in `make test` (-n 2) one process runs them one
+# module after another, each module with its own Ray, while the other runs the fast tier.
 SLOW_MODULES = ["test_cluster.py", "test_sweep.py", "test_chaos.py", "test_benchmarks_on_ray.py", "test_benchmarks.py",
                 "test_learning.py", "test_report.py", "test_search_quality_replay.py", "test_search_quality.py",
                 "test_sweep_objectives.py"]
@@ -60,11 +60,24 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: the slow tier (tests/conftest.py SLOW_MODULES), left out of make test-fast")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the group marks
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile, with the whole slow tier as one file. (xdist's own --dist loadgroup
+    does not group under pytest 9: it renames `item._nodeid`, which pytest 9 no longer reads.)"""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SlowTierInOneProcess(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "the slow tier" if Path(module).name in SLOW_MODULES else module
+
+    return SlowTierInOneProcess(config, log)
+
+
 def pytest_collection_modifyitems(session, config, items):
     for item in items:
         if item.path.name in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
-            item.add_marker(pytest.mark.xdist_group("slow"))
     rank = {name: index for index, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a module kept
