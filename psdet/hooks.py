@@ -192,10 +192,11 @@ class TensorBoardHook(Hook):
 
             first = self._files == 0
             self._files += 1
-            # tensorboardX names a file by the second it opened it; the pid and the count keep two
-            # opened within one second apart (and in the order TensorBoard reads them).
+            # tensorboardX names a file by the second it opened it. TensorBoard reads a directory's
+            # files in name order, so two opened within one second, by one run or by a run and the
+            # one resumed from it (another hook, maybe the same process), sort by the nanosecond.
             self._writer = SummaryWriter(logdir=str(self.logdir), purge_step=self.purge_from if first else None,
-                                         filename_suffix=f".{os.getpid()}.{self._files:06d}")
+                                         filename_suffix=f".{time.time_ns():020d}.{os.getpid()}")
             if first and self.hparams:
                 metrics = {f"val/{name}": 0.0 for name in EVAL_METRICS}  # names only: the scalars hold the values
                 experiment, session_start, _ = hparams(self.hparams, metrics)

@@ -250,11 +250,27 @@ class BoardOnDisk(Hook):
                           for event in EventFileLoader(str(path)).Load() for value in event.summary.value})
 
 
-def test_tensorboard_dir_keeps_one_run_across_a_resume_with_its_hparams(synth_data, tmp_path):
+def test_tensorboard_dir_keeps_one_run_across_a_resume_with_its_hparams(synth_data, tmp_path, monkeypatch):
     """train.tensorboard_dir names the run in TensorBoard; a resumed run writes into the same
-    directory and purges what the first run logged past the checkpoint it resumes from."""
+    directory and purges what the first run logged past the checkpoint it resumes from. Every
+    event file is named as if opened in one second (tensorboardX names a file by its second),
+    so their order is the name's suffix (it was not: the resumed run's first file sorted before
+    the first run's second, in this process, and TensorBoard read them in that order)."""
+    import time
+
     from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
     from tensorboard.plugins.hparams import plugin_data_pb2
+    from tensorboardX import event_file_writer
+
+    class OneSecond:  # the time module, but time() is always in the same second
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def time() -> float:
+            return 1764700000.25
+
+    monkeypatch.setattr(event_file_writer, "time", OneSecond())
 
     boards = tmp_path / "boards"
     cfg = _cfg(synth_data, "train.epochs=2", "train.ckpt_every_steps=3", "train.keep_checkpoints=10",
