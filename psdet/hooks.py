@@ -183,15 +183,14 @@ class TensorBoardHook(Hook):
         self.hparams = dict(hparams or {})
         self.purge_from = 0  # the first step this run logs
         self._writer = None
-        self._files = 0  # event files this run opened
+        self._opened = False  # whether this run has opened an event file yet
 
     def _open(self):
         if self._writer is None:
             from tensorboardX import SummaryWriter
             from tensorboardX.summary import hparams
 
-            first = self._files == 0
-            self._files += 1
+            first, self._opened = not self._opened, True
             # tensorboardX names a file by the second it opened it. TensorBoard reads a directory's
             # files in name order, so two opened within one second, by one run or by a run and the
             # one resumed from it (another hook, maybe the same process), sort by the nanosecond.

@@ -60,6 +60,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: the slow tier (tests/conftest.py SLOW_MODULES), left out of make test-fast")
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: no error where it is not installed
 def pytest_xdist_make_scheduler(config, log):
     """--dist loadfile, with the whole slow tier as one file. (xdist's own --dist loadgroup
     does not group under pytest 9: it renames `item._nodeid`, which pytest 9 no longer reads.)"""
