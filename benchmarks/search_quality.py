@@ -332,14 +332,14 @@ def record(args: argparse.Namespace) -> int:
     spec = with_synthetic(with_overrides(load_space(space_path), args.overrides), args.synthetic)
     out = Path(args.out)
     parts = out.with_name(out.name + ".parts")
-    run_key = {"space_text": space_path.read_text(), "overrides": args.overrides,
+    run_key = {"space_text": space_path.read_text(), "base_config": spec.base_tree, "overrides": args.overrides,
                "synthetic": dataclasses.asdict(spec.experiment.synthetic_data), "sampler": args.sampler,
                "seed": args.seed}
     parts.mkdir(parents=True, exist_ok=True)
     key_file = parts / "run.json"
     if key_file.is_file() and json.loads(key_file.read_text()) != run_key:
-        raise UserError(f"{parts} holds configs of another recording (space, overrides, synthetic data or "
-                        "sampler differ); delete it or choose another --out")
+        raise UserError(f"{parts} holds configs of another recording (space, base config, overrides, synthetic "
+                        "data or sampler differ); delete it or choose another --out")
     _write_atomically(key_file, json.dumps(run_key, indent=1).encode())
 
     configs = draw_configs(spec, args.configs, args.sampler, args.seed)

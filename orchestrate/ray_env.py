@@ -29,8 +29,15 @@ def prepare(address: str | None) -> None:
         # Ray turns token auth on by itself only for a cluster it finds; joining an explicit
         # address with a token at hand (~/.ray/auth_token, RAY_AUTH_TOKEN[_PATH]) uses it.
         token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-        if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
+        if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or _is_file(token_file)):
             os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a home this user cannot read (Python 3.11 raises where 3.12 says False)
+        return False
 
 
 def is_loopback(address: str) -> bool:

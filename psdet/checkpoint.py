@@ -2,8 +2,10 @@
 
 A checkpoint is a directory `ckpt-e{epoch}-s{step}` holding:
 - `state.pt`: model, optimizer, AMP scaler, position (epoch, global step, batch within
-  the epoch), restart count and every RNG state (python, numpy, torch, CUDA);
-  loadable with `torch.load(weights_only=True)`.
+  the epoch), restart count and every RNG state (python, numpy, torch, CUDA), and with
+  `train.ema_decay` the moving average of the weights (`model_ema`: what evaluation
+  scored, and what `delivered_weights` hands to evaluation, prediction and
+  `train.init_from`); loadable with `torch.load(weights_only=True)`.
 - `config.yaml`: the resolved config of the run.
 - `meta.json`, written last: position, metrics at save time, and the size and
   SHA-256 of `state.pt`. A directory whose meta is missing or does not match its
@@ -35,6 +37,7 @@ from psdet.errors import CheckpointError
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 CONFIG_FILE = "config.yaml"
+EMA_KEY = "model_ema"
 _NAME = re.compile(r"^ckpt-e(\d+)-s(\d+)$")
 
 log = logging.getLogger("psdet")
@@ -204,14 +207,20 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def delivered_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model a checkpoint's `state` delivers: the moving average of the weights when the
+    run kept one (train.ema_decay: the model its evaluations scored), else the weights."""
+    return state.get(EMA_KEY, state["model"])
+
+
 def load_model_weights(model: torch.nn.Module, path: Path, what: str) -> Path:
-    """Load only the model weights of the checkpoint at `path` (a checkpoint or run directory,
-    or its state.pt; weights_only) into `model`; -> the checkpoint directory. CheckpointError
-    naming it and `what` (the config) when its tensors do not fit the model."""
+    """Load only the delivered model weights of the checkpoint at `path` (a checkpoint or run
+    directory, or its state.pt; weights_only) into `model`; -> the checkpoint directory.
+    CheckpointError naming it and `what` (the config) when its tensors do not fit the model."""
     ckpt_dir = resolve_checkpoint(Path(path))
     state, _ = load_checkpoint(ckpt_dir)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(delivered_weights(state))
     except RuntimeError as exc:  # names the first keys that do not fit, on one line
         details = " ".join(str(exc).split())
         raise CheckpointError(f"checkpoint '{ckpt_dir}' does not fit {what}: {details[:300]}") from None

@@ -146,7 +146,7 @@ def _model_from_checkpoint(path: str, cfg=None, overrides: list[str] | None = No
     device = choose_device(cfg.train.device)
     model = build_model(cfg.model, cfg.data.max_points)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(ckpt.delivered_weights(state))
     except RuntimeError as exc:
         from psdet.errors import CheckpointError
 

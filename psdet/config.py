@@ -143,6 +143,10 @@ class TrainConfig:
     # original), with a fresh optimizer at epoch 0; ignored when the run resumes. "" = none
     init_from: str = ""
     sync_bn: bool = False
+    # Evaluate, and deliver, an exponential moving average of the weights (and BatchNorm
+    # statistics), updated after every optimizer step: ema = decay * ema + (1 - decay) * weights.
+    # 0 = off (the original: it evaluates the weights themselves). psdet.engine.Run.eval_model.
+    ema_decay: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast on CUDA only
     channels_last: bool = False
@@ -404,6 +408,8 @@ def validate(cfg: Config, source: str) -> None:
     for key in ("epochs", "eval_interval", "ckpt_interval", "keep_checkpoints"):
         if getattr(cfg.train, key) <= 0:
             fail(f"train.{key}", "must be positive")
+    if not 0 <= cfg.train.ema_decay < 1:
+        fail("train.ema_decay", f"must be in [0, 1) (0 = off), got {cfg.train.ema_decay}")
     for key in cfg.train.tensorboard_hparams:
         try:
             config_value(cfg, key)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from psdet import checkpoint as ckpt
@@ -101,8 +102,11 @@ class Run:
     `raw_model` is the detector itself (its parameters, `loss`, `predict`, the state_dict a
     checkpoint holds); `model` is what the forward runs: `raw_model`, or DDP around it.
     `position` is where training stood at the last checkpoint or epoch end; `restarts`
-    how often this run was restored from a checkpoint. A checkpoint's `state.pt` is
-    `state_dict()`, and `load_state_dict` of that dict puts the run back, RNG included.
+    how often this run was restored from a checkpoint. `ema` is the moving average of
+    `raw_model` when `train.ema_decay` > 0 (updated after every step); `eval_model` is
+    what evaluation scores and a checkpoint delivers (psdet.checkpoint.delivered_weights).
+    A checkpoint's `state.pt` is `state_dict()`, and `load_state_dict` of that dict puts the
+    run back, RNG and moving average included.
     """
 
     cfg: Config
@@ -114,12 +118,20 @@ class Run:
     steps_per_epoch: int
     channels_last: bool  # input (and model) in channels-last memory format
     autocast_dtype: torch.dtype | None  # the forward runs under autocast to this dtype; None: fp32
+    ema: AveragedModel | None = None
     position: ckpt.Position = ckpt.Position(epoch=0, step=0, batch=0)
     restarts: int = 0
 
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        return self.raw_model if self.ema is None else self.ema.module
+
     def state_dict(self) -> dict[str, Any]:
+        ema = {} if self.ema is None else {ckpt.EMA_KEY: self.ema.module.state_dict(),
+                                           "ema_updates": int(self.ema.n_averaged)}
         return {
             "model": self.raw_model.state_dict(),
+            **ema,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": self.position.epoch,
@@ -131,6 +143,13 @@ class Run:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.raw_model.load_state_dict(state["model"])
+        if self.ema is not None:
+            if ckpt.EMA_KEY not in state:
+                raise ckpt.CheckpointError("the checkpoint has no moving average of the weights, and "
+                                           f"train.ema_decay is {self.cfg.train.ema_decay}: resume it with "
+                                           "train.ema_decay=0, or start from its weights (train.init_from)")
+            self.ema.module.load_state_dict(state[ckpt.EMA_KEY])
+            self.ema.n_averaged.fill_(state["ema_updates"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.position = ckpt.Position(state["epoch"], state["step"], state["batch"])
@@ -155,8 +174,11 @@ def build_run(cfg: Config, ctx: distributed.DistContext, steps_per_epoch: int,
         raw_model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(raw_model, cfg.optim)
     scaler = torch.amp.GradScaler("cuda", enabled=ctx.device.type == "cuda" and cfg.train.precision == "fp16")
+    ema = None
+    if cfg.train.ema_decay > 0:  # a copy of the model; the first update copies the weights in
+        ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
     return Run(cfg, ctx, raw_model, raw_model, optimizer, scaler, steps_per_epoch, channels_last,
-               autocast_dtype(cfg, ctx.device))
+               autocast_dtype(cfg, ctx.device), ema)
 
 
 def restore(run: Run, checkpoint: Path) -> dict[str, float]:
@@ -183,7 +205,7 @@ def train_step(run: Run, batch: dict[str, Any], step: int,
     """Global step `step` (0-based) on one collated batch: set that step's lr and momentum,
     move the batch to the device as model input, forward (under `run.autocast_dtype`), loss
     (`loss_fn(outputs, batch)`, by default the detector's own), backward through the AMP
-    scaler, grad-norm clip, optimizer step.
+    scaler, grad-norm clip, optimizer step, then the moving average of the weights (if any).
 
     -> (the loss terms [3] in psdet.reporting.LOSS_TERMS order, detached, on the device,
     unsynced; {"lr", "momentum"} of the step).
@@ -201,6 +223,8 @@ def train_step(run: Run, batch: dict[str, Any], step: int,
         torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.optim.grad_norm_clip)
     run.scaler.step(run.optimizer)
     run.scaler.update()
+    if run.ema is not None:
+        run.ema.update_parameters(run.raw_model)
     return torch.stack([loss.detach(), terms["loss_point"].detach(), terms["loss_edge"].detach()]), schedule
 
 
@@ -327,7 +351,7 @@ def _train_epochs(run: Run, data: _Data, checkpoints: _Checkpoints, hooks: list[
         is_eval = (epoch + 1) % cfg.train.eval_interval == 0 or finished
         if is_eval:
             eval_started = time.perf_counter()
-            eval_metrics = run_evaluation(run.raw_model, data.val_set, cfg, run.ctx)
+            eval_metrics = run_evaluation(run.eval_model, data.val_set, cfg, run.ctx)
             eval_metrics.update(measure_cost(cost, run.ctx))  # every rank: rank 0 broadcasts
             metrics["eval_s"] = time.perf_counter() - eval_started
         metrics.update(eval_metrics)

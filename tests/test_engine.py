@@ -309,3 +309,69 @@ def test_tensorboard_dir_keeps_one_run_across_a_resume_with_its_hparams(synth_da
 def test_tensorboard_hparams_must_name_config_keys(synth_data):
     with pytest.raises(ConfigError, match=r"'train.tensorboard_hparams' names 'optim.lrr', which is no config key"):
         _cfg(synth_data, "train.tensorboard_hparams=[optim.lrr]")
+
+
+class WeightsAfterEachStep(Hook):
+    """The model's weights and BatchNorm statistics after every optimizer step (copies)."""
+
+    def __init__(self) -> None:
+        self.states: list[dict[str, torch.Tensor]] = []
+
+    def after_step(self, run, step):
+        self.states.append({name: value.detach().clone() for name, value in run.raw_model.state_dict().items()})
+
+
+def test_moving_average_of_the_weights_is_what_is_evaluated_delivered_and_resumed(synth_data, tmp_path):
+    from psdet.distributed import DistContext
+    from psdet.engine import run_evaluation
+    from psdet.data import build_dataset
+
+    decay = 0.8
+    cfg = _cfg(synth_data, "train.epochs=2", f"train.ema_decay={decay}", "train.ckpt_every_steps=3",
+               "train.keep_checkpoints=10")
+    clean = tmp_path / "clean"
+    steps = WeightsAfterEachStep()
+    metrics = train(cfg, clean, hooks=[steps])
+
+    # the slow reference: the average by hand over every step's weights (the first step's copied in)
+    newest = ckpt.list_checkpoints(clean / "checkpoints")[-1]
+    state, _ = ckpt.load_checkpoint(newest)
+    assert state["ema_updates"] == len(steps.states) == 2 * 6
+    for name, value in state[ckpt.EMA_KEY].items():
+        if not value.is_floating_point():
+            continue
+        expected = steps.states[0][name].double()
+        for weights in steps.states[1:]:
+            expected = decay * expected + (1 - decay) * weights[name].double()
+        torch.testing.assert_close(value.double(), expected, rtol=1e-4, atol=1e-6, msg=f"{name}")
+    assert any(not torch.equal(value, state["model"][name]) for name, value in state[ckpt.EMA_KEY].items())
+
+    # the checkpoint delivers the average, and evaluation scored it
+    model = build_model(cfg.model, cfg.data.max_points)
+    assert ckpt.load_model_weights(model, clean, "the test config") == newest
+    val_set = build_dataset(cfg.data, cfg.data.val_split, train=False, seed=cfg.train.seed)
+    one_cpu = DistContext(0, 1, 0, torch.device("cpu"))
+    rescored = run_evaluation(model, val_set, cfg, one_cpu)
+    assert rescored["point_ap"] == pytest.approx(metrics["point_ap"]) and rescored["slot_ap"] == pytest.approx(metrics["slot_ap"])
+    _assert_same_weights(model.state_dict(), state[ckpt.EMA_KEY])
+
+    # a resume mid-epoch ends with the same weights and the same average, bit for bit
+    start = [p for p in ckpt.list_checkpoints(clean / "checkpoints") if ckpt.read_meta(p)["batch"] > 0][-1]
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(start, resumed / "checkpoints" / start.name)
+    train(cfg, resumed, resume=ckpt.LocalResume(resumed / "checkpoints"))
+    resumed_state, _ = ckpt.load_checkpoint(ckpt.list_checkpoints(resumed / "checkpoints")[-1])
+    _assert_same_weights(state["model"], resumed_state["model"])
+    _assert_same_weights(state[ckpt.EMA_KEY], resumed_state[ckpt.EMA_KEY])
+
+    # a checkpoint without an average does not resume a run that keeps one
+    plain = tmp_path / "plain"
+    train(_cfg(synth_data, "train.epochs=1"), plain)
+    with pytest.raises(ckpt.CheckpointError, match="no moving average of the weights, and train.ema_decay is 0.8"):
+        train(cfg, plain, resume=ckpt.LocalResume(plain / "checkpoints"))
+
+
+def test_ema_decay_must_be_below_one(synth_data):
+    with pytest.raises(ConfigError, match=r"'train.ema_decay' must be in \[0, 1\) \(0 = off\), got 1.0"):
+        _cfg(synth_data, "train.ema_decay=1.0")

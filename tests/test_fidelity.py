@@ -27,6 +27,7 @@ ORIGINAL = {
     "model.max_candidates": 0,
     "model.nms_keep": "all",
     "train.seed": 100,
+    "train.ema_decay": 0.0,
 }
 PSDET = {
     "data.rotate": False,  # short CPU runs learn faster without it (ps_gat_tiny's comment)
@@ -35,6 +36,7 @@ PSDET = {
     "model.nms_keep": "max_points",
     "model.slot_score": "edge_x_min_point",
     "train.seed": 0,
+    "train.ema_decay": 0.0,
 }
 EXPECTED = {
     "ps_gat": {**ORIGINAL, "model.slot_score": "edge", "model.weight_point": 100.0, "data.batch_size": 16,
@@ -44,7 +46,8 @@ EXPECTED = {
     "ps_gat_tiny": {**PSDET, "model.weight_point": 100.0, "data.batch_size": 8, "train.epochs": 8},
     "ps_gat_cpu_sweep": {**PSDET, "model.weight_point": 100.0, "data.batch_size": 8, "train.epochs": 8,
                          "model.backbone": "resnet18", "model.depth_factor": 4, "data.image_size": 256,
-                         "optim.optimizer": "adam_onecycle", "optim.lr": 0.003, "train.keep_checkpoints": 3},
+                         "optim.optimizer": "adam_onecycle", "optim.lr": 0.003, "train.keep_checkpoints": 3,
+                         "train.ema_decay": 0.95},
 }
 
 
