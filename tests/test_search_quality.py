@@ -368,3 +368,24 @@ def test_replay_mo_refuses_a_single_objective_table(tmp_path):
     _hand_table(table)
     refused = _cli(["replay-mo", "--table", str(table), "--small"], timeout=60, expect=2)
     assert len(refused.stderr.strip().splitlines()) == 1 and "two-objective" in refused.stderr
+
+
+def test_ema_ranking_scores_every_average_beside_the_weights_and_resumes(tmp_path):
+    out = tmp_path / "ranking.json"
+    args = [sys.executable, "benchmarks/ema_ranking.py", "--configs", "3", "--jobs", "1", "--synthetic", "8", "4",
+            "--decays", "0.5", "0.9", "--out", str(out), "--overrides", "data.image_size=64", "train.epochs=3",
+            "data.batch_size=4", "data.val_batch_size=4"]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = json.loads(out.read_text())
+    assert sorted(runs) == ["0", "1", "2"]
+    for run in runs.values():
+        assert [epoch["epoch"] for epoch in run["epochs"]] == [1, 2, 3]
+        assert all(set(epoch) == {"epoch", "raw", "ema0.5", "ema0.9"} and 0 <= epoch["ema0.9"] <= 1
+                   for epoch in run["epochs"])
+    assert re.search(r"^ema_ranking: configs=3 rho_epoch3_raw=\S+ rho_epoch3_ema0.5=\S+$", first.stdout, re.MULTILINE)
+    again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert again.returncode == 0 and "0 to train" in again.stdout and json.loads(out.read_text()) == runs
+    bad = subprocess.run([*args[:2], "--decays", "1.5"], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == 2 and bad.stderr.strip() == "ema_ranking: --decays [1.5]: each must be in (0, 1)"
