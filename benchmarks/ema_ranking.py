@@ -34,7 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, summary_line  # noqa: E402
-from benchmarks.search_quality import draw_configs, with_overrides, with_synthetic  # noqa: E402
+from benchmarks.search_quality import draw_configs, spearman, with_overrides, with_synthetic  # noqa: E402
 from orchestrate.space import load_space, trial_config  # noqa: E402
 from psdet.errors import ConfigError, UserError  # noqa: E402
 from psdet.config import to_dict  # noqa: E402
@@ -82,13 +82,6 @@ def train_scoring_averages(config_id: int, tree: dict, decays: list[float]) -> d
 class _Discard:
     def report(self, metrics, checkpoint) -> None:
         pass
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    from scipy.stats import spearmanr
-
-    rho = spearmanr(a, b)[0]
-    return float("nan") if rho != rho else float(rho)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -458,6 +458,15 @@ def _write_parquet(table, out: Path) -> None:
 # ----------------------------------------------------------------------------- the recorded table
 
 
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation; NaN where it is undefined (a constant input, or fewer than two)."""
+    from scipy.stats import spearmanr
+
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return math.nan
+    return float(spearmanr(a, b)[0])
+
+
 @dataclass(frozen=True)
 class Recorded:
     """A recorded table: the space as it was recorded (overrides applied), each config's
@@ -476,6 +485,14 @@ class Recorded:
         """Each config's metric after its last epoch; NaN for one that diverged."""
         metric, epochs = self.spec.experiment.metric, self.spec.max_epochs
         return np.array([curve[metric][-1] if len(curve[metric]) == epochs else math.nan for curve in self.curves])
+
+    def early_ranking(self) -> list[float]:
+        """For k = 1 .. epochs-1: the rank correlation (Spearman) of each config's metric
+        after epoch k with its final one, over the configs that ran all their epochs: how
+        well a rung at epoch k can rank configurations."""
+        metric, epochs = self.spec.experiment.metric, self.spec.max_epochs
+        full = [curve[metric] for curve in self.curves if len(curve[metric]) == epochs]
+        return [spearman([curve[k] for curve in full], [curve[-1] for curve in full]) for k in range(epochs - 1)]
 
     def target(self) -> float:
         finals = self.finals()
@@ -615,14 +632,18 @@ def replay_trial(config: dict[str, Any], replay: ReplayData) -> None:
 
 class EpochAccount:
     """The epochs one run spends, counted on the driver in the order results arrive (each
-    result is one epoch of one trial), and the best `metric` so far."""
+    result is one epoch of one trial), and the best `metric` so far; `sweep_trials`: also
+    the best among the run's first that many trials (by first result), the space's own
+    sweep (the demo's 12 trials, ASHA's stops included) rather than an epoch budget."""
 
-    def __init__(self, metric: str, mode: str, target: float, budget: int) -> None:
+    def __init__(self, metric: str, mode: str, target: float, budget: int, sweep_trials: int | None = None) -> None:
         self.metric, self.mode, self.target, self.budget = metric, mode, target, budget
+        self.sweep_trials = sweep_trials
         self.epochs = 0
         self.best: float | None = None
         self.epochs_to_target: int | None = None
         self.best_at_budget: float | None = None
+        self.best_in_sweep: float | None = None
         self.trials: dict[str, dict[str, Any]] = {}  # in the order of their first result
 
     def _better(self, value: float, than: float) -> bool:
@@ -636,6 +657,10 @@ class EpochAccount:
         value = result.get(self.metric)
         if value is not None and math.isfinite(value) and (self.best is None or self._better(value, self.best)):
             self.best = float(value)
+        in_sweep = self.sweep_trials is None or list(self.trials).index(trial_id) < self.sweep_trials
+        if (in_sweep and value is not None and math.isfinite(value)
+                and (self.best_in_sweep is None or self._better(value, self.best_in_sweep))):
+            self.best_in_sweep = float(value)
         if self.epochs_to_target is None and self.best is not None and not self._better(self.target, self.best):
             self.epochs_to_target = self.epochs
         if self.epochs == self.budget:
@@ -643,10 +668,11 @@ class EpochAccount:
 
     def summary(self) -> dict[str, Any]:
         """epochs_to_target (inf: never reached), best_at_budget (the best at the end if the
-        run spent fewer epochs), epochs and trials in all, and each trial's recorded config,
-        epochs and parameters."""
+        run spent fewer epochs), best_in_sweep (among the first `sweep_trials` trials),
+        epochs and trials in all, and each trial's recorded config, epochs and parameters."""
         return {"epochs_to_target": self.epochs_to_target if self.epochs_to_target is not None else math.inf,
                 "best_at_budget": self.best_at_budget if self.best_at_budget is not None else self.best,
+                "best_in_sweep": self.best_in_sweep,
                 "epochs": self.epochs, "trials": len(self.trials), "trial_log": list(self.trials.values())}
 
 
@@ -793,7 +819,8 @@ def replay_all(recorded: Recorded, seeds: int, trials: int, variants: bool, stor
             strategy, sampler, scheduler = plans[label]
             started = time.monotonic()
             name = f"{label.replace('+', '_').replace(' ', '_').replace(',', '').replace('.', '_')}-seed{seed}"
-            account = EpochAccount(spec.experiment.metric, spec.experiment.mode, target, recorded.budget_epochs())
+            account = EpochAccount(spec.experiment.metric, spec.experiment.mode, target, recorded.budget_epochs(),
+                                   sweep_trials=spec.experiment.num_samples)
             summary = replay_run(strategy_spec(spec, strategy, seed, trials, sampler, scheduler), data, account,
                                  storage_root, name)
             runs[label].append({"seed": seed, **summary})
@@ -803,23 +830,27 @@ def replay_all(recorded: Recorded, seeds: int, trials: int, variants: bool, stor
     return runs
 
 
-def print_table(runs: dict[str, list[dict]], budget: int, width: int = 12) -> dict[str, dict[str, float]]:
-    """One row per strategy; -> label -> {epochs, best} medians."""
+def print_table(runs: dict[str, list[dict]], budget: int, sweep_trials: int, width: int = 12) -> dict[str, dict[str, float]]:
+    """One row per strategy; -> label -> {epochs, best, sweep_best} medians (sweep_best: the
+    best among a run's first `sweep_trials` trials, the space's own sweep)."""
     table = Table(Column("strategy", f"<{width}"), Column("runs", "4d"), Column("reached", ">7"),
                   Column("epochs to target", "16.1f"), Column("p25", "6.1f"), Column("p75", "6.1f"),
                   Column(f"best at {budget} epochs", "17.3f"), Column("p25", "6.3f"), Column("p75", "6.3f"),
+                  Column(f"best of {sweep_trials} trials", "16.3f"), Column("p25", "6.3f"), Column("p75", "6.3f"),
                   Column("epochs/trial", "12.1f"))
     table.print_header()
     medians = {}
     for label, label_runs in runs.items():
         epochs = [run["epochs_to_target"] for run in label_runs]
         best = [run["best_at_budget"] if run["best_at_budget"] is not None else math.nan for run in label_runs]
+        sweep = [run["best_in_sweep"] if run.get("best_in_sweep") is not None else math.nan for run in label_runs]
         reached = sum(1 for value in epochs if math.isfinite(value))
         per_trial = sum(run["epochs"] for run in label_runs) / max(1, sum(run["trials"] for run in label_runs))
-        medians[label] = {"epochs": quantile(epochs, 0.5), "best": quantile(best, 0.5)}
+        medians[label] = {"epochs": quantile(epochs, 0.5), "best": quantile(best, 0.5), "sweep_best": quantile(sweep, 0.5)}
         table.print_row(label, len(label_runs), f"{reached}/{len(label_runs)}", medians[label]["epochs"],
                         quantile(epochs, 0.25), quantile(epochs, 0.75), medians[label]["best"],
-                        quantile(best, 0.25), quantile(best, 0.75), per_trial)
+                        quantile(best, 0.25), quantile(best, 0.75), medians[label]["sweep_best"],
+                        quantile(sweep, 0.25), quantile(sweep, 0.75), per_trial)
     return medians
 
 
@@ -872,6 +903,9 @@ def replay(args: argparse.Namespace) -> int:
           f"{len(finals)} configs reach it; the baseline, config 0: {finals[0]:.3f}); budget: {budget} epochs "
           f"({spec.experiment.num_samples} trials x {spec.max_epochs} epochs, the space's sweep without early "
           "stopping)")
+    ranking = recorded.early_ranking()
+    print(f"how early epochs rank the configs: rank correlation of {spec.experiment.metric} after epoch k with the "
+          f"final, k = 1..{len(ranking)}: " + " ".join(f"{rho:.2f}" for rho in ranking))
     asha = spec.scheduler
     print(f"ours (tpe+asha) as {spec.path} configures it: TPE {_describe(spec.sampler)}; ASHA grace period "
           f"{asha.grace_period}, reduction factor {asha.reduction_factor} (the baseline is never stopped)")
@@ -890,19 +924,19 @@ def replay(args: argparse.Namespace) -> int:
     print(f"epochs spent until the best {spec.experiment.metric} so far reaches the target (a run that never "
           f"does counts as inf; 'reached' says how many did), and the best {spec.experiment.metric} once "
           f"{budget} epochs are spent; medians and quartiles over {seeds} seeds")
-    medians = print_table(main_runs, budget)
+    medians = print_table(main_runs, budget, spec.experiment.num_samples)
     if args.sampler_variants:
         labels = ["tpe+asha " + label for label in list(sampler_variants(spec))[1:]]
         variant_runs = {"tpe+asha " + list(sampler_variants(spec))[0]: runs["tpe+asha"],
                         **{label: runs[label] for label in labels}}
         print(f"\ntpe+asha with other TPE settings (same seeds; the first row is tpe+asha above)")
-        print_table(variant_runs, budget, width=max(len(label) for label in variant_runs))
+        print_table(variant_runs, budget, spec.experiment.num_samples, width=max(len(label) for label in variant_runs))
     if args.asha_variants:
         own = list(scheduler_variants(spec))[0]
         variant_runs = {f"{search}+asha {label}": runs[f"{search}+asha"] if label == own else runs[f"{search}+asha {label}"]
                         for label in scheduler_variants(spec) for search in ("random", "tpe")}
         print(f"\nASHA with other rungs, random and TPE (same seeds; the space's rows are the ones above)")
-        print_table(variant_runs, budget, width=max(len(label) for label in variant_runs))
+        print_table(variant_runs, budget, spec.experiment.num_samples, width=max(len(label) for label in variant_runs))
     ratio = epochs_ratio(medians["random+fifo"]["epochs"], medians["tpe+asha"]["epochs"])
     print(f"\n{len(runs) * seeds} runs in {wall_s:.0f} s")
     infinite = [label for label in ("random+fifo", "tpe+asha") if math.isinf(medians[label]["epochs"])]
@@ -914,7 +948,8 @@ def replay(args: argparse.Namespace) -> int:
     print(summary_line("search_quality", ratio=f"{ratio:.2f}", random_fifo_epochs=f"{random_fifo['epochs']:.1f}",
                        tpe_asha_epochs=f"{tpe_asha['epochs']:.1f}", target=f"{target:.3f}", budget_epochs=budget,
                        tpe_asha_best=f"{tpe_asha['best']:.3f}", random_fifo_best=f"{random_fifo['best']:.3f}",
-                       seeds=seeds))
+                       sweep_trials=spec.experiment.num_samples, tpe_asha_sweep_best=f"{tpe_asha['sweep_best']:.3f}",
+                       random_fifo_sweep_best=f"{random_fifo['sweep_best']:.3f}", seeds=seeds))
     return 0
 
 

@@ -6,6 +6,7 @@ a Ray, are in tests/test_search_quality_replay.py. No timing is asserted.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from orchestrate.space import baseline_params, load_space  # noqa: E402
 
 LR_SPACE = REPO / "search_spaces" / "lr.yaml"
 TINY = ["--configs", "3", "--jobs", "1", "--synthetic", "8", "4", "--overrides", "data.image_size=64",
-        "train.epochs=3", "data.batch_size=4", "data.val_batch_size=4"]
+        "train.epochs=4", "data.batch_size=4", "data.val_batch_size=4"]  # 4: lr.yaml's rung is at epoch 4
 LAST_LINE = re.compile(r"^search_quality: (?P<pairs>\w+=\S+(?: \w+=\S+)*)$")
 
 
@@ -106,6 +107,13 @@ def test_epoch_account_counts_results_in_arrival_order():
     assert summary["best_at_budget"] == 0.45  # after 4 results
     assert summary["epochs"] == 6 and summary["trials"] == 2
     assert [t["epochs"] for t in summary["trial_log"]] == [3, 3]
+    assert summary["best_in_sweep"] == 0.7  # no sweep size given: every trial counts
+
+    first_one = sq.EpochAccount("slot_ap", "max", target=0.5, budget=4, sweep_trials=1)
+    for trial, value in [("a", 0.1), ("b", 0.3), ("a", 0.2), ("b", 0.45), ("a", 0.6), ("b", 0.7)]:
+        first_one.add(trial, {"slot_ap": value})
+    assert first_one.summary()["best_in_sweep"] == 0.6  # trial a's best: b is the second trial
+    assert first_one.summary()["best_at_budget"] == 0.45 and first_one.summary()["epochs"] == 6
 
     short = sq.EpochAccount("loss", "min", target=0.2, budget=10)
     for value in (0.9, math.nan, 0.3):
@@ -206,7 +214,7 @@ def test_record_writes_every_epoch_and_resumes(tmp_path):
     first = _cli(["record", *TINY, "--out", str(out)], timeout=300)
     table = pq.read_table(out)
     rows = table.to_pylist()
-    assert [(row["config_id"], row["epoch"]) for row in rows] == [(c, e) for c in range(3) for e in (1, 2, 3)]
+    assert [(row["config_id"], row["epoch"]) for row in rows] == [(c, e) for c in range(3) for e in (1, 2, 3, 4)]
     spec = load_space(LR_SPACE)
     for key, value in baseline_params(spec).items():
         assert rows[0][key] == value
@@ -216,8 +224,8 @@ def test_record_writes_every_epoch_and_resumes(tmp_path):
     meta = {key.decode(): value.decode() for key, value in table.schema.metadata.items()}
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", meta["commit"]), meta["commit"]
     assert "record --configs 3" in meta["command"] and meta["machine"].endswith("cores")
-    assert meta["space_text"] == LR_SPACE.read_text() and meta["epochs"] == "3"
-    assert json.loads(meta["overrides"])[1] == "train.epochs=3"
+    assert meta["space_text"] == LR_SPACE.read_text() and meta["epochs"] == "4"
+    assert json.loads(meta["overrides"])[1] == "train.epochs=4"
     assert json.loads(meta["synthetic"])["train"] == 8
     assert "config   2 (3/3)" in first.stdout
 
@@ -243,9 +251,12 @@ def _one_at_a_time(source: Path, path: Path, edits: list[tuple[str, str]]):
     """`source` with `edits` (its trial count and concurrency), ASHA at grace 1 and reduction 2,
     written beside `path`, loaded with 3 epochs a trial. -> (the spec, the space's text)."""
     text = source.read_text()
-    for old, new in [*edits, ("grace_period: 3", "grace_period: 1"), ("reduction_factor: 3", "reduction_factor: 2")]:
+    for old, new in edits:
         assert old in text
         text = text.replace(old, new)
+    text, rungs = re.subn(r"grace_period: \d+", "grace_period: 1", text)
+    text, reductions = re.subn(r"reduction_factor: \d+", "reduction_factor: 2", text)
+    assert rungs == reductions == 1
     space = path.with_suffix(".yaml")
     space.write_text(text)
     return sq.with_overrides(load_space(space), ["train.epochs=3"]), text
@@ -373,7 +384,7 @@ def test_replay_mo_refuses_a_single_objective_table(tmp_path):
 def test_ema_ranking_scores_every_average_beside_the_weights_and_resumes(tmp_path):
     out = tmp_path / "ranking.json"
     args = [sys.executable, "benchmarks/ema_ranking.py", "--configs", "3", "--jobs", "1", "--synthetic", "8", "4",
-            "--decays", "0.5", "0.9", "--out", str(out), "--overrides", "data.image_size=64", "train.epochs=3",
+            "--decays", "0.5", "0.9", "--out", str(out), "--overrides", "data.image_size=64", "train.epochs=4",
             "data.batch_size=4", "data.val_batch_size=4"]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_NUM_THREADS": "1"}
     first = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
@@ -381,7 +392,7 @@ def test_ema_ranking_scores_every_average_beside_the_weights_and_resumes(tmp_pat
     runs = json.loads(out.read_text())
     assert sorted(runs) == ["0", "1", "2"]
     for run in runs.values():
-        assert [epoch["epoch"] for epoch in run["epochs"]] == [1, 2, 3]
+        assert [epoch["epoch"] for epoch in run["epochs"]] == [1, 2, 3, 4]
         assert all(set(epoch) == {"epoch", "raw", "ema0.5", "ema0.9"} and 0 <= epoch["ema0.9"] <= 1
                    for epoch in run["epochs"])
     assert re.search(r"^ema_ranking: configs=3 rho_epoch3_raw=\S+ rho_epoch3_ema0.5=\S+$", first.stdout, re.MULTILINE)
@@ -389,3 +400,27 @@ def test_ema_ranking_scores_every_average_beside_the_weights_and_resumes(tmp_pat
     assert again.returncode == 0 and "0 to train" in again.stdout and json.loads(out.read_text()) == runs
     bad = subprocess.run([*args[:2], "--decays", "1.5"], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 2 and bad.stderr.strip() == "ema_ranking: --decays [1.5]: each must be in (0, 1)"
+
+
+def _spearman_by_hand(a, b):
+    """Pearson's correlation of the ranks, ties given their mean rank."""
+    def ranks(values):
+        order = sorted(values)
+        return [sum(i + 1 for i, v in enumerate(order) if v == value) / order.count(value) for value in values]
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    return cov / math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+
+
+def test_early_ranking_is_each_epochs_rank_correlation_with_the_final(tmp_path):
+    _hand_table(tmp_path / "hand.parquet")
+    recorded = sq.read_table(str(tmp_path / "hand.parquet"))
+    curves = {0: [0.4, 0.1, 0.2], 1: [0.1, 0.6, 0.9], 2: [0.3, 0.1, 0.4], 3: [0.2, 0.3, 0.3], 4: [0.9, 0.9]}
+    recorded = dataclasses.replace(recorded, curves=[{"slot_ap": np.array(curve)} for curve in curves.values()])
+    full = [curve for curve in curves.values() if len(curve) == 3]  # config 4 stopped short: left out
+    expected = [_spearman_by_hand([c[k] for c in full], [c[-1] for c in full]) for k in range(2)]
+    assert recorded.early_ranking() == pytest.approx(expected)
+    assert expected[0] == pytest.approx(-0.8) and expected[0] != expected[1]  # the hand curves rank differently
+    assert math.isnan(sq.spearman([0.1, 0.1, 0.1], [0.2, 0.3, 0.4])) and math.isnan(sq.spearman([0.1], [0.2]))

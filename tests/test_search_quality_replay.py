@@ -53,6 +53,8 @@ def test_replay_runs_every_strategy_and_counts_epochs_by_hand(tmp_path):
             at_budget = best if at_budget is None else at_budget
             assert run["epochs_to_target"] == to_target and run["best_at_budget"] == at_budget
             assert run["epochs"] == spent and (to_target == math.inf or to_target >= 3 + 3)
+            sweep = log[:recorded.spec.experiment.num_samples]  # the space's own sweep: its first trials
+            assert run["best_in_sweep"] == max(max(slot_ap[t["config_id"]][:t["epochs"]]) for t in sweep)
 
 
 @pytest.mark.timeout(540)

@@ -18,7 +18,8 @@ def _trial(trial_id: str, baseline: bool = False) -> SimpleNamespace:
 
 
 def test_asha_stops_below_the_top_third_at_epoch_3_but_never_the_baseline():
-    spec = load_space(REPO / "search_spaces" / "lr.yaml")  # grace 3, reduction 3, 8 epochs: one rung, epoch 3
+    lr = load_space(REPO / "search_spaces" / "lr.yaml")  # with grace 3, reduction 3, 8 epochs: one rung, epoch 3
+    spec = dataclasses.replace(lr, scheduler=dataclasses.replace(lr.scheduler, grace_period=3, reduction_factor=3.0))
     scheduler = build_scheduler(spec)
     assert isinstance(scheduler, BaselineASHA)
     first, second, baseline, poor = _trial("a"), _trial("b"), _trial("base", baseline=True), _trial("c")
