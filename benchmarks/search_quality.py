@@ -645,21 +645,25 @@ class EpochAccount:
         self.best_at_budget: float | None = None
         self.best_in_sweep: float | None = None
         self.trials: dict[str, dict[str, Any]] = {}  # in the order of their first result
+        self.sweep_ids: set[str] = set()  # the first `sweep_trials` of them
 
     def _better(self, value: float, than: float) -> bool:
         return value > than if self.mode == "max" else value < than
+
+    def _improves(self, value: float | None, best: float | None) -> bool:
+        return value is not None and math.isfinite(value) and (best is None or self._better(value, best))
 
     def add(self, trial_id: str, result: dict[str, Any], params: dict[str, Any] | None = None) -> None:
         self.epochs += 1
         trial = self.trials.setdefault(trial_id, {"config_id": result.get("config_id"), "epochs": 0,
                                                   "params": params})
         trial["epochs"] += 1
+        if trial["epochs"] == 1 and (self.sweep_trials is None or len(self.sweep_ids) < self.sweep_trials):
+            self.sweep_ids.add(trial_id)
         value = result.get(self.metric)
-        if value is not None and math.isfinite(value) and (self.best is None or self._better(value, self.best)):
+        if self._improves(value, self.best):
             self.best = float(value)
-        in_sweep = self.sweep_trials is None or list(self.trials).index(trial_id) < self.sweep_trials
-        if (in_sweep and value is not None and math.isfinite(value)
-                and (self.best_in_sweep is None or self._better(value, self.best_in_sweep))):
+        if trial_id in self.sweep_ids and self._improves(value, self.best_in_sweep):
             self.best_in_sweep = float(value)
         if self.epochs_to_target is None and self.best is not None and not self._better(self.target, self.best):
             self.epochs_to_target = self.epochs
@@ -843,7 +847,7 @@ def print_table(runs: dict[str, list[dict]], budget: int, sweep_trials: int, wid
     for label, label_runs in runs.items():
         epochs = [run["epochs_to_target"] for run in label_runs]
         best = [run["best_at_budget"] if run["best_at_budget"] is not None else math.nan for run in label_runs]
-        sweep = [run["best_in_sweep"] if run.get("best_in_sweep") is not None else math.nan for run in label_runs]
+        sweep = [run["best_in_sweep"] if run["best_in_sweep"] is not None else math.nan for run in label_runs]
         reached = sum(1 for value in epochs if math.isfinite(value))
         per_trial = sum(run["epochs"] for run in label_runs) / max(1, sum(run["trials"] for run in label_runs))
         medians[label] = {"epochs": quantile(epochs, 0.5), "best": quantile(best, 0.5), "sweep_best": quantile(sweep, 0.5)}
