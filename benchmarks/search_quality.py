@@ -332,9 +332,12 @@ def record(args: argparse.Namespace) -> int:
     spec = with_synthetic(with_overrides(load_space(space_path), args.overrides), args.synthetic)
     out = Path(args.out)
     parts = out.with_name(out.name + ".parts")
-    run_key = {"space_text": space_path.read_text(), "base_config": spec.base_tree, "overrides": args.overrides,
-               "synthetic": dataclasses.asdict(spec.experiment.synthetic_data), "sampler": args.sampler,
-               "seed": args.seed}
+    # What the configs and their curves depend on, parsed: edits to the space file's comments,
+    # sampler or scheduler sections keep a recording resumable.
+    run_key = json.loads(json.dumps({
+        "search": [dataclasses.asdict(param) for param in spec.search], "objectives": spec.objectives,
+        "base_config": spec.base_tree, "overrides": args.overrides,
+        "synthetic": dataclasses.asdict(spec.experiment.synthetic_data), "sampler": args.sampler, "seed": args.seed}))
     parts.mkdir(parents=True, exist_ok=True)
     key_file = parts / "run.json"
     if key_file.is_file() and json.loads(key_file.read_text()) != run_key:

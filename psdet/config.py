@@ -148,8 +148,9 @@ class TrainConfig:
     # 0 = off (the original: it evaluates the weights themselves). psdet.engine.Run.eval_model.
     ema_decay: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast on CUDA only
-    channels_last: bool = False
+    # autocast: bf16 on CUDA and on a CPU with bf16 in hardware, fp16 on CUDA (fp32 elsewhere)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False  # on CUDA, and on the CPU under bf16 (psdet.engine.uses_channels_last)
     log_interval: int = 10  # steps between TensorBoard scalars
     progress: bool = True  # progress bar on rank 0
     # TensorBoard: the event directory ("" = OUT/tensorboard; its name is the run's name in

@@ -76,16 +76,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def uses_channels_last(cfg: Config, device: torch.device) -> bool:
-    """Model and input in channels-last memory format: `train.channels_last`, on CUDA only."""
-    return cfg.train.channels_last and device.type == "cuda"
+def cpu_has_native_bf16() -> bool:
+    """This CPU does bf16 matrix math in hardware (AVX512-BF16 or AMX), where oneDNN's bf16
+    convolutions are faster than fp32 ones; elsewhere they are emulated, and slower."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in checks)
 
 
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """The forward's autocast dtype for `train.precision` (CUDA only); None runs in fp32."""
-    if device.type != "cuda" or cfg.train.precision == "fp32":
+    """The forward's autocast dtype for `train.precision`; None runs in fp32. On CUDA, bf16 or
+    fp16; on the CPU, bf16 where the CPU has it in hardware (`cpu_has_native_bf16`), else fp32,
+    and fp16 always fp32 (build_run says so)."""
+    if cfg.train.precision == "fp32":
         return None
-    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
+    return torch.bfloat16 if cfg.train.precision == "bf16" and cpu_has_native_bf16() else None
+
+
+def uses_channels_last(cfg: Config, device: torch.device) -> bool:
+    """Model and input in channels-last memory format: `train.channels_last`, on CUDA, and on
+    the CPU under bf16 autocast only (torch 2.13's fp32 channels-last backward on the CPU
+    segfaults in oneDNN; under bf16 it is the fast layout: README, Performance)."""
+    return cfg.train.channels_last and (device.type == "cuda" or autocast_dtype(cfg, device) is not None)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -168,6 +181,9 @@ def build_run(cfg: Config, ctx: distributed.DistContext, steps_per_epoch: int,
         else:
             log.warning("train.sync_bn ignored: SyncBatchNorm needs CUDA; BatchNorm stays per-process on %s",
                         ctx.device)
+    if ctx.device.type == "cpu" and cfg.train.precision != "fp32" and autocast_dtype(cfg, ctx.device) is None:
+        log.warning("train.precision %s runs in fp32 on this CPU (%s)", cfg.train.precision,
+                    "fp16 autocast is for CUDA" if cfg.train.precision == "fp16" else "it has no bf16 in hardware")
     channels_last = uses_channels_last(cfg, ctx.device)
     raw_model.to(ctx.device)
     if channels_last:

@@ -19,6 +19,7 @@ import torch
 
 from engine_helpers import FAST, REPO, _assert_same_weights, _cfg, _final_weights, _psdet, synth_data  # noqa: F401 (a fixture)
 from psdet import checkpoint as ckpt
+from psdet import engine
 from psdet.config import load_config
 from psdet.engine import train
 from psdet.errors import ConfigError, NonFiniteLossError
@@ -375,3 +376,51 @@ def test_moving_average_of_the_weights_is_what_is_evaluated_delivered_and_resume
 def test_ema_decay_must_be_below_one(synth_data):
     with pytest.raises(ConfigError, match=r"'train.ema_decay' must be in \[0, 1\) \(0 = off\), got 1.0"):
         _cfg(synth_data, "train.ema_decay=1.0")
+
+
+def _bf16_cfg(data, *extra: str):
+    return _cfg(data, "train.precision=bf16", "train.channels_last=true", *extra)
+
+
+def test_bf16_on_the_cpu_runs_channels_last_and_resumes_exactly(synth_data, tmp_path, monkeypatch):
+    """bf16 autocast in the channels-last layout on a CPU with bf16 in hardware (forced here,
+    so any CPU runs it, emulated where it must): the run is in bf16 and channels-last, its
+    weights are not the fp32 run's, and a mid-epoch resume is bit-exact."""
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    seen = []
+
+    class Layout(Hook):
+        def before_train(self, run):
+            kernels = [p for p in run.raw_model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+            seen.append((run.autocast_dtype, run.channels_last,
+                         all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)))
+
+    cfg = _bf16_cfg(synth_data, "train.epochs=2", "train.ckpt_every_steps=3", "train.keep_checkpoints=10")
+    clean = tmp_path / "clean"
+    train(cfg, clean, hooks=[Layout()])
+    assert seen == [(torch.bfloat16, True, True)]
+    train(_cfg(synth_data, "train.epochs=2"), tmp_path / "fp32")
+    assert any(not torch.equal(a, b) for a, b in zip(_final_weights(clean).values(),
+                                                      _final_weights(tmp_path / "fp32").values()))
+
+    start = [p for p in ckpt.list_checkpoints(clean / "checkpoints") if ckpt.read_meta(p)["batch"] > 0][-1]
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(start, resumed / "checkpoints" / start.name)
+    assert train(cfg, resumed, resume=ckpt.LocalResume(resumed / "checkpoints"))["restarts"] == 1
+    _assert_same_weights(_final_weights(clean), _final_weights(resumed))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cpu_autocast_it_cannot_run_fast_is_fp32_with_a_warning(synth_data, tmp_path, monkeypatch, capsys,
+                                                                precision):
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    cpu = torch.device("cpu")
+    cfg = _cfg(synth_data, "train.epochs=1", f"train.precision={precision}", "train.channels_last=true")
+    assert engine.autocast_dtype(cfg, cpu) is None and not engine.uses_channels_last(cfg, cpu)
+    train(cfg, tmp_path / precision)
+    assert f"WARNING train.precision {precision} runs in fp32 on this CPU" in capsys.readouterr().err
+    train(_cfg(synth_data, "train.epochs=1"), tmp_path / "fp32")
+    _assert_same_weights(_final_weights(tmp_path / precision), _final_weights(tmp_path / "fp32"))
+    # fp32 never goes channels-last on the CPU (its backward segfaults there in torch 2.13)
+    assert not engine.uses_channels_last(_cfg(synth_data, "train.channels_last=true"), cpu)

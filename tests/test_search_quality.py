@@ -238,6 +238,12 @@ def test_record_writes_every_epoch_and_resumes(tmp_path):
     other = _cli(["record", *TINY[:-1], "data.val_batch_size=2", "--out", str(out)], timeout=120, expect=2)
     assert "another recording" in other.stderr and len(other.stderr.strip().splitlines()) == 1
 
+    # The key is what the curves depend on, not the file's text: a new comment and rung resume.
+    edited = tmp_path / "lr.yaml"
+    edited.write_text("# edited\n" + re.sub(r"grace_period: \d+", "grace_period: 2", LR_SPACE.read_text()))
+    resumed = _cli(["record", *TINY, "--space", str(edited), "--out", str(out)], timeout=120)
+    assert "3 already recorded" in resumed.stdout and "0 to train" in resumed.stdout
+
 
 def test_user_errors_end_in_one_line_and_exit_2(tmp_path):
     missing = _cli(["replay", "--table", str(tmp_path / "none.parquet")], timeout=60, expect=2)
