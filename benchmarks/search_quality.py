@@ -637,7 +637,8 @@ class EpochAccount:
     """The epochs one run spends, counted on the driver in the order results arrive (each
     result is one epoch of one trial), and the best `metric` so far; `sweep_trials`: also
     the best among the run's first that many trials (by first result), the space's own
-    sweep (the demo's 12 trials, ASHA's stops included) rather than an epoch budget."""
+    sweep (the demo's 12 trials, ASHA's stops included) rather than an epoch budget, and the
+    epochs those trials spent."""
 
     def __init__(self, metric: str, mode: str, target: float, budget: int, sweep_trials: int | None = None) -> None:
         self.metric, self.mode, self.target, self.budget = metric, mode, target, budget
@@ -647,6 +648,7 @@ class EpochAccount:
         self.epochs_to_target: int | None = None
         self.best_at_budget: float | None = None
         self.best_in_sweep: float | None = None
+        self.sweep_epochs = 0
         self.trials: dict[str, dict[str, Any]] = {}  # in the order of their first result
         self.sweep_ids: set[str] = set()  # the first `sweep_trials` of them
 
@@ -666,8 +668,10 @@ class EpochAccount:
         value = result.get(self.metric)
         if self._improves(value, self.best):
             self.best = float(value)
-        if trial_id in self.sweep_ids and self._improves(value, self.best_in_sweep):
-            self.best_in_sweep = float(value)
+        if trial_id in self.sweep_ids:
+            self.sweep_epochs += 1
+            if self._improves(value, self.best_in_sweep):
+                self.best_in_sweep = float(value)
         if self.epochs_to_target is None and self.best is not None and not self._better(self.target, self.best):
             self.epochs_to_target = self.epochs
         if self.epochs == self.budget:
@@ -675,11 +679,12 @@ class EpochAccount:
 
     def summary(self) -> dict[str, Any]:
         """epochs_to_target (inf: never reached), best_at_budget (the best at the end if the
-        run spent fewer epochs), best_in_sweep (among the first `sweep_trials` trials),
-        epochs and trials in all, and each trial's recorded config, epochs and parameters."""
+        run spent fewer epochs), best_in_sweep and sweep_epochs (the first `sweep_trials`
+        trials' best and epochs), epochs and trials in all, and each trial's recorded config,
+        epochs and parameters."""
         return {"epochs_to_target": self.epochs_to_target if self.epochs_to_target is not None else math.inf,
                 "best_at_budget": self.best_at_budget if self.best_at_budget is not None else self.best,
-                "best_in_sweep": self.best_in_sweep,
+                "best_in_sweep": self.best_in_sweep, "sweep_epochs": self.sweep_epochs,
                 "epochs": self.epochs, "trials": len(self.trials), "trial_log": list(self.trials.values())}
 
 
@@ -734,7 +739,7 @@ def sampler_variants(spec: SweepSpec) -> dict[str, Any]:
     return variants
 
 
-ASHA_VARIANTS = ((1, 3), (2, 2), (2, 3), (3, 3), (4, 2), (6, 2))  # (grace period, reduction factor)
+ASHA_VARIANTS = ((1, 3), (2, 3), (3, 3), (4, 2), (5, 2), (6, 2))  # (grace period, reduction factor)
 
 
 def scheduler_variants(spec: SweepSpec) -> dict[str, Any]:
@@ -837,14 +842,21 @@ def replay_all(recorded: Recorded, seeds: int, trials: int, variants: bool, stor
     return runs
 
 
-def print_table(runs: dict[str, list[dict]], budget: int, sweep_trials: int, width: int = 12) -> dict[str, dict[str, float]]:
-    """One row per strategy; -> label -> {epochs, best, sweep_best} medians (sweep_best: the
-    best among a run's first `sweep_trials` trials, the space's own sweep)."""
+def sweep_reaches(value: float | None, goal: float, mode: str) -> bool:
+    return value is not None and math.isfinite(value) and (value >= goal if mode == "max" else value <= goal)
+
+
+def print_table(runs: dict[str, list[dict]], budget: int, sweep_trials: int, sweep_goal: float, mode: str = "max",
+                width: int = 12) -> dict[str, dict[str, float]]:
+    """One row per strategy; -> label -> {epochs, best, sweep_best, sweep_reached} (medians,
+    and the number of runs whose sweep reaches `sweep_goal`; the sweep is a run's first `sweep_trials`
+    trials, the space's own sweep, and its epochs are also shown)."""
     table = Table(Column("strategy", f"<{width}"), Column("runs", "4d"), Column("reached", ">7"),
                   Column("epochs to target", "16.1f"), Column("p25", "6.1f"), Column("p75", "6.1f"),
                   Column(f"best at {budget} epochs", "17.3f"), Column("p25", "6.3f"), Column("p75", "6.3f"),
                   Column(f"best of {sweep_trials} trials", "16.3f"), Column("p25", "6.3f"), Column("p75", "6.3f"),
-                  Column("epochs/trial", "12.1f"))
+                  Column(f"{'>=' if mode == 'max' else '<='} {sweep_goal:g}", ">7"),
+                  Column(f"epochs of {sweep_trials}", "11.1f"), Column("epochs/trial", "12.1f"))
     table.print_header()
     medians = {}
     for label, label_runs in runs.items():
@@ -853,11 +865,14 @@ def print_table(runs: dict[str, list[dict]], budget: int, sweep_trials: int, wid
         sweep = [run["best_in_sweep"] if run["best_in_sweep"] is not None else math.nan for run in label_runs]
         reached = sum(1 for value in epochs if math.isfinite(value))
         per_trial = sum(run["epochs"] for run in label_runs) / max(1, sum(run["trials"] for run in label_runs))
-        medians[label] = {"epochs": quantile(epochs, 0.5), "best": quantile(best, 0.5), "sweep_best": quantile(sweep, 0.5)}
+        goal_runs = sum(1 for run in label_runs if sweep_reaches(run["best_in_sweep"], sweep_goal, mode))
+        medians[label] = {"epochs": quantile(epochs, 0.5), "best": quantile(best, 0.5), "sweep_best": quantile(sweep, 0.5),
+                          "sweep_reached": goal_runs}
         table.print_row(label, len(label_runs), f"{reached}/{len(label_runs)}", medians[label]["epochs"],
                         quantile(epochs, 0.25), quantile(epochs, 0.75), medians[label]["best"],
                         quantile(best, 0.25), quantile(best, 0.75), medians[label]["sweep_best"],
-                        quantile(sweep, 0.25), quantile(sweep, 0.75), per_trial)
+                        quantile(sweep, 0.25), quantile(sweep, 0.75), f"{goal_runs}/{len(label_runs)}",
+                        quantile([run["sweep_epochs"] for run in label_runs], 0.5), per_trial)
     return medians
 
 
@@ -931,19 +946,22 @@ def replay(args: argparse.Namespace) -> int:
     print(f"epochs spent until the best {spec.experiment.metric} so far reaches the target (a run that never "
           f"does counts as inf; 'reached' says how many did), and the best {spec.experiment.metric} once "
           f"{budget} epochs are spent; medians and quartiles over {seeds} seeds")
-    medians = print_table(main_runs, budget, spec.experiment.num_samples)
+    sweep = (spec.experiment.num_samples, args.sweep_goal, spec.experiment.mode)
+    print(f"the space's own sweep is each run's first {sweep[0]} trials: their best, how many runs' best is "
+          f"{'>=' if sweep[2] == 'max' else '<='} {sweep[1]:g} (--sweep-goal), and the epochs they spent (median)")
+    medians = print_table(main_runs, budget, *sweep)
     if args.sampler_variants:
         labels = ["tpe+asha " + label for label in list(sampler_variants(spec))[1:]]
         variant_runs = {"tpe+asha " + list(sampler_variants(spec))[0]: runs["tpe+asha"],
                         **{label: runs[label] for label in labels}}
         print(f"\ntpe+asha with other TPE settings (same seeds; the first row is tpe+asha above)")
-        print_table(variant_runs, budget, spec.experiment.num_samples, width=max(len(label) for label in variant_runs))
+        print_table(variant_runs, budget, *sweep, width=max(len(label) for label in variant_runs))
     if args.asha_variants:
         own = list(scheduler_variants(spec))[0]
         variant_runs = {f"{search}+asha {label}": runs[f"{search}+asha"] if label == own else runs[f"{search}+asha {label}"]
                         for label in scheduler_variants(spec) for search in ("random", "tpe")}
         print(f"\nASHA with other rungs, random and TPE (same seeds; the space's rows are the ones above)")
-        print_table(variant_runs, budget, spec.experiment.num_samples, width=max(len(label) for label in variant_runs))
+        print_table(variant_runs, budget, *sweep, width=max(len(label) for label in variant_runs))
     ratio = epochs_ratio(medians["random+fifo"]["epochs"], medians["tpe+asha"]["epochs"])
     print(f"\n{len(runs) * seeds} runs in {wall_s:.0f} s")
     infinite = [label for label in ("random+fifo", "tpe+asha") if math.isinf(medians[label]["epochs"])]
@@ -956,7 +974,9 @@ def replay(args: argparse.Namespace) -> int:
                        tpe_asha_epochs=f"{tpe_asha['epochs']:.1f}", target=f"{target:.3f}", budget_epochs=budget,
                        tpe_asha_best=f"{tpe_asha['best']:.3f}", random_fifo_best=f"{random_fifo['best']:.3f}",
                        sweep_trials=spec.experiment.num_samples, tpe_asha_sweep_best=f"{tpe_asha['sweep_best']:.3f}",
-                       random_fifo_sweep_best=f"{random_fifo['sweep_best']:.3f}", seeds=seeds))
+                       random_fifo_sweep_best=f"{random_fifo['sweep_best']:.3f}", sweep_goal=f"{args.sweep_goal:g}",
+                       tpe_asha_sweep_reached=tpe_asha["sweep_reached"],
+                       random_fifo_sweep_reached=random_fifo["sweep_reached"], seeds=seeds))
     return 0
 
 
@@ -1264,6 +1284,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also random+asha and tpe+asha with other ASHA grace periods and reduction factors")
     rep.add_argument("--small", action="store_true", help="CI: 2 seeds of 6 trials")
     rep.add_argument("--runs-json", metavar="PATH", help="also write every run's figures to PATH")
+    rep.add_argument("--sweep-goal", type=float, default=0.5,
+                     help="count the runs whose own sweep (the first num_samples trials) reaches this (default 0.5, "
+                          "the demo's slot AP goal)")
     rmo = commands.add_parser("replay-mo", help="hypervolume at equal budget: MO-ASHA, FIFO and ASHA on the first "
                               "objective alone, over a multi-objective recording")
     rmo.add_argument("--table", default=str(DEFAULT_PARETO_TABLE.relative_to(ROOT)),
