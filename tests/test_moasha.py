@@ -54,7 +54,8 @@ def _result(scheduler, trial, epoch, ap, latency=None):
 def test_rungs_are_where_ray_asha_puts_them():
     assert rung_milestones(1, 8, 2) == [1, 2, 4, 8]
     assert rung_milestones(3, 8, 3) == [3]
-    assert rung_milestones(4, 8, 2) == [4, 8]  # search_spaces/lr.yaml: one rung at epoch 4 (8 is the end)
+    assert rung_milestones(4, 8, 2) == [4, 8]  # grace 4: a rung at epoch 4 (8 is the end)
+    assert rung_milestones(5, 8, 2) == [5]  # search_spaces/lr.yaml: one rung, at epoch 5
 
 
 def test_moasha_keeps_the_best_by_front_then_crowding_at_each_rung():
@@ -129,7 +130,7 @@ def test_a_spent_budget_with_stop_running_stops_trials_at_their_next_rung():
     fifo = BudgetFIFO(_budget(stop_running=True, exhausted=True))  # no rungs: the next evaluation
     assert fifo.on_trial_result(None, b, {"epoch": 1, "slot_ap": 0.1}) == STOP
 
-    lr = load_space(REPO / "search_spaces" / "lr.yaml")  # Ray's ASHA, one rung at epoch 4
+    lr = load_space(REPO / "search_spaces" / "lr.yaml")  # Ray's ASHA, one rung at epoch 5
     asha = build_scheduler(lr, _budget(stop_running=True, exhausted=True))
     for trial in (a, b):
         asha.on_trial_add(None, trial)

@@ -28,7 +28,7 @@ from orchestrate.space import baseline_params, load_space  # noqa: E402
 
 LR_SPACE = REPO / "search_spaces" / "lr.yaml"
 TINY = ["--configs", "3", "--jobs", "1", "--synthetic", "8", "4", "--overrides", "data.image_size=64",
-        "train.epochs=4", "data.batch_size=4", "data.val_batch_size=4"]  # 4: lr.yaml's rung is at epoch 4
+        "train.epochs=5", "data.batch_size=4", "data.val_batch_size=4"]  # 5: lr.yaml's rung is at epoch 5
 LAST_LINE = re.compile(r"^search_quality: (?P<pairs>\w+=\S+(?: \w+=\S+)*)$")
 
 
@@ -107,12 +107,13 @@ def test_epoch_account_counts_results_in_arrival_order():
     assert summary["best_at_budget"] == 0.45  # after 4 results
     assert summary["epochs"] == 6 and summary["trials"] == 2
     assert [t["epochs"] for t in summary["trial_log"]] == [3, 3]
-    assert summary["best_in_sweep"] == 0.7  # no sweep size given: every trial counts
+    assert summary["best_in_sweep"] == 0.7 and summary["sweep_epochs"] == 6  # no sweep size: every trial counts
 
     first_one = sq.EpochAccount("slot_ap", "max", target=0.5, budget=4, sweep_trials=1)
     for trial, value in [("a", 0.1), ("b", 0.3), ("a", 0.2), ("b", 0.45), ("a", 0.6), ("b", 0.7)]:
         first_one.add(trial, {"slot_ap": value})
     assert first_one.summary()["best_in_sweep"] == 0.6  # trial a's best: b is the second trial
+    assert first_one.summary()["sweep_epochs"] == 3
     assert first_one.summary()["best_at_budget"] == 0.45 and first_one.summary()["epochs"] == 6
 
     short = sq.EpochAccount("loss", "min", target=0.2, budget=10)
@@ -214,7 +215,7 @@ def test_record_writes_every_epoch_and_resumes(tmp_path):
     first = _cli(["record", *TINY, "--out", str(out)], timeout=300)
     table = pq.read_table(out)
     rows = table.to_pylist()
-    assert [(row["config_id"], row["epoch"]) for row in rows] == [(c, e) for c in range(3) for e in (1, 2, 3, 4)]
+    assert [(row["config_id"], row["epoch"]) for row in rows] == [(c, e) for c in range(3) for e in (1, 2, 3, 4, 5)]
     spec = load_space(LR_SPACE)
     for key, value in baseline_params(spec).items():
         assert rows[0][key] == value
@@ -224,8 +225,8 @@ def test_record_writes_every_epoch_and_resumes(tmp_path):
     meta = {key.decode(): value.decode() for key, value in table.schema.metadata.items()}
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", meta["commit"]), meta["commit"]
     assert "record --configs 3" in meta["command"] and meta["machine"].endswith("cores")
-    assert meta["space_text"] == LR_SPACE.read_text() and meta["epochs"] == "4"
-    assert json.loads(meta["overrides"])[1] == "train.epochs=4"
+    assert meta["space_text"] == LR_SPACE.read_text() and meta["epochs"] == "5"
+    assert json.loads(meta["overrides"])[1] == "train.epochs=5"
     assert json.loads(meta["synthetic"])["train"] == 8
     assert "config   2 (3/3)" in first.stdout
 
@@ -390,7 +391,7 @@ def test_replay_mo_refuses_a_single_objective_table(tmp_path):
 def test_ema_ranking_scores_every_average_beside_the_weights_and_resumes(tmp_path):
     out = tmp_path / "ranking.json"
     args = [sys.executable, "benchmarks/ema_ranking.py", "--configs", "3", "--jobs", "1", "--synthetic", "8", "4",
-            "--decays", "0.5", "0.9", "--out", str(out), "--overrides", "data.image_size=64", "train.epochs=4",
+            "--decays", "0.5", "0.9", "--out", str(out), "--overrides", "data.image_size=64", "train.epochs=5",
             "data.batch_size=4", "data.val_batch_size=4"]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_NUM_THREADS": "1"}
     first = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
@@ -398,7 +399,7 @@ def test_ema_ranking_scores_every_average_beside_the_weights_and_resumes(tmp_pat
     runs = json.loads(out.read_text())
     assert sorted(runs) == ["0", "1", "2"]
     for run in runs.values():
-        assert [epoch["epoch"] for epoch in run["epochs"]] == [1, 2, 3, 4]
+        assert [epoch["epoch"] for epoch in run["epochs"]] == [1, 2, 3, 4, 5]
         assert all(set(epoch) == {"epoch", "raw", "ema0.5", "ema0.9"} and 0 <= epoch["ema0.9"] <= 1
                    for epoch in run["epochs"])
     assert re.search(r"^ema_ranking: configs=3 rho_epoch3_raw=\S+ rho_epoch3_ema0.5=\S+$", first.stdout, re.MULTILINE)

@@ -55,6 +55,10 @@ def test_replay_runs_every_strategy_and_counts_epochs_by_hand(tmp_path):
             assert run["epochs"] == spent and (to_target == math.inf or to_target >= 3 + 3)
             sweep = log[:recorded.spec.experiment.num_samples]  # the space's own sweep: its first trials
             assert run["best_in_sweep"] == max(max(slot_ap[t["config_id"]][:t["epochs"]]) for t in sweep)
+            assert run["sweep_epochs"] == sum(t["epochs"] for t in sweep)
+    for strategy in ("random+fifo", "tpe+asha"):  # the last line's count of sweeps reaching 0.5, by hand
+        reached = sum(1 for run in saved["runs"][strategy] if run["best_in_sweep"] >= 0.5)
+        assert values[f"{strategy.replace('+', '_')}_sweep_reached"] == reached and values["sweep_goal"] == 0.5
 
 
 @pytest.mark.timeout(540)
