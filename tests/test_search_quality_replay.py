@@ -61,6 +61,37 @@ def test_replay_runs_every_strategy_and_counts_epochs_by_hand(tmp_path):
         assert values[f"{strategy.replace('+', '_')}_sweep_reached"] == reached and values["sweep_goal"] == 0.5
 
 
+@pytest.mark.timeout(300)
+def test_replay_asha_variants_stop_trials_at_their_own_rungs(tmp_path):
+    """`--asha-variants` end to end: every variant that fits a 3-epoch trial is replayed for
+    random and TPE search, and its trials stop only at its own rung."""
+    table, runs_json = tmp_path / "hand.parquet", tmp_path / "runs.json"
+    _hand_table(table)
+    stdout = _cli(["replay", "--table", str(table), "--small", "--asha-variants", "--runs-json", str(runs_json)],
+                  timeout=290).stdout
+    variants = sq.scheduler_variants(sq.read_table(table).spec)
+    assert list(variants) == ["grace 1, reduction 2 (the space's)", "grace 1, reduction 3", "grace 2, reduction 3",
+                              "grace 3, reduction 3"]  # grace 4-6 do not fit in 3 epochs
+    assert "ASHA with other rungs, random and TPE" in stdout
+    runs = json.loads(runs_json.read_text())["runs"]
+    assert set(runs) == set(sq.STRATEGIES) | {f"{search}+asha {label}" for label in list(variants)[1:]
+                                             for search in ("random", "tpe")}
+    for label in variants:  # the variant table has a row for each, the space's own included
+        for search in ("random", "tpe"):
+            assert re.search(rf"^{re.escape(f'{search}+asha {label}')} +2 +\d/2 ", stdout, re.MULTILINE), stdout
+    stopped_at = {}
+    for label, asha in list(variants.items())[1:]:
+        for search in ("random", "tpe"):
+            for run in runs[f"{search}+asha {label}"]:
+                log = run["trial_log"]
+                assert log[0]["config_id"] == 0 and log[0]["epochs"] == 3  # the baseline is never stopped
+                assert {trial["epochs"] for trial in log} <= {asha.grace_period, 3}, (label, log)
+                stopped_at.setdefault(label, set()).update(t["epochs"] for t in log if t["epochs"] < 3)
+    # grace 2 stops some trial at epoch 2, which the space's own rung (epoch 1) never does; grace 3
+    # is the trial's length, so nothing stops
+    assert stopped_at["grace 2, reduction 3"] == {2} and stopped_at["grace 3, reduction 3"] == set()
+
+
 @pytest.mark.timeout(540)
 def test_replay_mo_computes_every_strategys_hypervolume_by_hand(tmp_path):
     table, runs_json = tmp_path / "hand_pareto.parquet", tmp_path / "runs.json"
